@@ -39,13 +39,13 @@ test: install
 # The paper's mixture (§3.1) from the public datasets; stage 2 refinement once a surrogate exists:
 #   make data DATA_ARGS="--surrogate_model $(OUTPUT_DIR)/stage1 --regeneration_base_url https://api.openai.com/v1"
 data: install
-	HF_HUB_OFFLINE=0 $(PY) recipes/build_mixture.py --config recipes/qwen2_5_vl_7b/data.yaml --output_dir $(DATA_DIR) $(DATA_ARGS)
+	HF_HUB_OFFLINE=0 $(PY) recipes/data/build_mixture.py --config recipes/qwen2_5_vl_7b/data.yaml --output_dir $(DATA_DIR) $(DATA_ARGS)
 
 bench-data: install
-	$(PY) recipes/bench_cleaning.py --pairs 100000
+	$(PY) recipes/bench/cleaning.py --pairs 100000
 
 bench: install
-	$(PY) recipes/bench_training.py --config cpu --output recipes/results/bench_cpu.md
+	$(PY) recipes/bench/training.py --config cpu --output recipes/bench/results/bench_cpu.md
 
 stage1: install
 	$(LAUNCH) recipes/stage1.py --config recipes/qwen2_5_vl_7b/stage1.yaml \
@@ -58,13 +58,13 @@ stage2: install
 eval: eval-vlrb eval-rb eval-mmrb
 
 eval-vlrb: install
-	HF_HUB_OFFLINE=0 $(PY) recipes/eval_vl_rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/vl_rewardbench
+	HF_HUB_OFFLINE=0 $(PY) recipes/eval/vl_rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/vl_rewardbench
 
 eval-rb: install
-	HF_HUB_OFFLINE=0 $(PY) recipes/eval_rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/rewardbench
+	HF_HUB_OFFLINE=0 $(PY) recipes/eval/rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/rewardbench
 
 eval-mmrb: install
-	HF_HUB_OFFLINE=0 $(PY) recipes/eval_multimodal_rewardbench.py --model_name_or_path $(RM) --dataset $(MMRB_JSON) \
+	HF_HUB_OFFLINE=0 $(PY) recipes/eval/multimodal_rewardbench.py --model_name_or_path $(RM) --dataset $(MMRB_JSON) \
 		--output_dir $(EVAL_DIR)/multimodal_rewardbench
 
 clean:

@@ -1,13 +1,17 @@
-from .conversation import ConversationRenderer, open_image, to_messages
+from .conversation import ConversationRenderer, PixelBudgetArguments, open_image, to_messages
+from .packed_pair_collator import PackedPairCollator, pair_collator_for
 from .pair_collator import PairCollator
 from .preference_data import PreferenceDataArguments, load_preference_mixture, load_training_data
 
 __all__ = [
     "ConversationRenderer",
+    "PackedPairCollator",
     "PairCollator",
+    "PixelBudgetArguments",
     "PreferenceDataArguments",
     "load_preference_mixture",
     "load_training_data",
     "open_image",
+    "pair_collator_for",
     "to_messages",
 ]

@@ -6,11 +6,20 @@ Strings and plain `{"role", "content": str}` messages are accepted and converted
 """
 
 import io
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 IMAGE_PART = {"type": "image", "text": None}
+
+
+@dataclass
+class PixelBudgetArguments:
+    """How large an image may be: every entry point that renders images takes these two flags."""
+
+    min_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image (Qwen: qwen-vl-utils default)."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image (Qwen: qwen-vl-utils default)."})
 
 
 def text_part(text: str) -> dict:

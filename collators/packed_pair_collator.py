@@ -8,13 +8,18 @@ from seeing the chosen one. Each image is processed once per pair, and each rewa
 of its branch.
 """
 
+import logging
 from itertools import groupby
 
 import torch
 
 from .pair_collator import PairCollator
 
+logger = logging.getLogger(__name__)
+
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+# Families whose backbone takes explicit (m)RoPE position ids and a 4D mask, and whose positions pack_pairs computes.
+PACKED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2")
 
 
 def shared_prefix_length(a: list[int], b: list[int]) -> int:
@@ -115,3 +120,20 @@ class PackedPairCollator(PairCollator):
         if examples and examples[0].get("margin") is not None:
             batch["margin"] = torch.tensor([float(example["margin"]) for example in examples])
         return batch
+
+
+def supports_packing(model) -> bool:
+    config = model.config
+    return config.model_type in PACKED_MODEL_TYPES and config.get_text_config()._attn_implementation == "sdpa"
+
+
+def pair_collator_for(model, processing_class, pack_pairs: bool = True,
+                      min_pixels: int | None = None, max_pixels: int | None = None) -> PairCollator:
+    """The packed collator where the model supports it (and `pack_pairs`), else the plain two-row one."""
+    if pack_pairs and supports_packing(model):
+        logger.info("Pair layout: packed, one sequence per pair with a shared prompt")
+        return PackedPairCollator(processing_class, min_pixels, max_pixels)
+    if pack_pairs:
+        logger.info("Pair layout: two rows per pair (packing needs one of %s with sdpa attention; got %s with %s)",
+                    PACKED_MODEL_TYPES, model.config.model_type, model.config.get_text_config()._attn_implementation)
+    return PairCollator(processing_class, min_pixels, max_pixels)

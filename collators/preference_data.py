@@ -25,7 +25,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, Image, List, concatenate_datasets, load_dataset
 
-from .conversation import ConversationRenderer, open_image, to_messages
+from .conversation import ConversationRenderer, PixelBudgetArguments, open_image, to_messages
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass
-class PreferenceDataArguments:
+class PreferenceDataArguments(PixelBudgetArguments):
+    """Which pairs train and how they are checked and laid out in a batch."""
+
     dataset_mixture: dict | str | None = field(
         default=None,
         metadata={"help": 'Datasets and weights, e.g. {"data/pairs.jsonl": 1.0, "org/hub-set": 0.5} (JSON on the CLI). '
@@ -42,9 +44,12 @@ class PreferenceDataArguments:
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
     eval_dataset_mixture: dict | str | None = field(default=None, metadata={"help": "Same form, for evaluation."})
-    min_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image (Qwen: qwen-vl-utils default)."})
-    max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image (Qwen: qwen-vl-utils default)."})
     bad_rows: str = field(default="drop", metadata={"help": "drop: count and report bad rows; error: stop at the first."})
+    pack_pairs: bool = field(
+        default=True,
+        metadata={"help": "One forward per pair with a shared prompt (the image encoded once); falls back to two rows "
+                  "per pair where unsupported (other families, attention other than sdpa)."},
+    )
 
     def __post_init__(self):
         for name in ("dataset_mixture", "eval_dataset_mixture"):

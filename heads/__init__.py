@@ -1,6 +1,5 @@
 from .arguments import RewardModelArguments
 from .freezing import apply_freezing, find_vision_tower
-from .packing import pair_collator_for
 from .scoring import RewardScorer
 from .trainer import VLRewardTrainer
 from .value_head import VALUE_HEAD_FILE, ValueHeadRewardModel
@@ -13,5 +12,4 @@ __all__ = [
     "ValueHeadRewardModel",
     "apply_freezing",
     "find_vision_tower",
-    "pair_collator_for",
 ]

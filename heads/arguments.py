@@ -13,8 +13,3 @@ class RewardModelArguments:
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision encoder (ViT), as the paper."})
     freeze_projector: bool = field(default=False, metadata={"help": "Also freeze the vision-language projector."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Also freeze the LLM (train head + projector)."})
-    pack_pairs: bool = field(
-        default=True,
-        metadata={"help": "One forward per pair with a shared prompt (the image encoded once); falls back to two rows "
-                  "per pair where unsupported (other families, attention other than sdpa)."},
-    )

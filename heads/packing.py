@@ -11,18 +11,10 @@ and a custom attention function. At 1.5k tokens the full-square attention is ~5%
 simple mask is kept.
 """
 
-import logging
-
 import torch
 from torch import nn
 
-from collators import PairCollator
-from collators.packed_pair_collator import PROMPT, PackedPairCollator
-
-logger = logging.getLogger(__name__)
-
-# Families whose backbone takes explicit (m)RoPE position ids and a 4D mask, and whose positions the collator computes.
-PACKED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2")
+from collators.packed_pair_collator import PROMPT
 
 
 def shared_prompt_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -49,19 +41,3 @@ def packed_pair_rewards(backbone: nn.Module, v_head: nn.Module, input_ids, segme
     last_hidden = torch.cat([hidden[rows, chosen_index], hidden[rows, rejected_index]])
     return v_head(last_hidden).unsqueeze(-1)
 
-
-def supports_packing(model: nn.Module) -> bool:
-    config = model.config
-    return config.model_type in PACKED_MODEL_TYPES and config.get_text_config()._attn_implementation == "sdpa"
-
-
-def pair_collator_for(model: nn.Module, processing_class, pack_pairs: bool = True,
-                      min_pixels: int | None = None, max_pixels: int | None = None) -> PairCollator:
-    """The packed collator where the model supports it (and `pack_pairs`), else the plain two-row one."""
-    if pack_pairs and supports_packing(model):
-        logger.info("Pair layout: packed, one sequence per pair with a shared prompt")
-        return PackedPairCollator(processing_class, min_pixels, max_pixels)
-    if pack_pairs:
-        logger.info("Pair layout: two rows per pair (packing needs one of %s with sdpa attention; got %s with %s)",
-                    PACKED_MODEL_TYPES, model.config.model_type, model.config.get_text_config()._attn_implementation)
-    return PairCollator(processing_class, min_pixels, max_pixels)

@@ -17,11 +17,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: heads/, collators/, recipes/
 
 from trl import TrlParser
 
-from heads.evaluation import ScorerArguments, load_scorer, resolve_image
+from recipes.eval.benchmark import ScorerArguments, load_scorer, resolve_image
 
 
 @dataclass(kw_only=True)

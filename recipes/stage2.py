@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and colla
 from transformers import AutoProcessor
 from trl import ModelConfig, RewardConfig, TrlParser
 
-from collators import PreferenceDataArguments, load_training_data
-from heads import RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, pair_collator_for
+from collators import PreferenceDataArguments, load_training_data, pair_collator_for
+from heads import RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing
 
 
 def main(data_args, model_args, training_args, model_config):
@@ -46,7 +46,7 @@ def main(data_args, model_args, training_args, model_config):
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=processor,
-        data_collator=pair_collator_for(model, processor, model_args.pack_pairs, data_args.min_pixels, data_args.max_pixels),
+        data_collator=pair_collator_for(model, processor, data_args.pack_pairs, data_args.min_pixels, data_args.max_pixels),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

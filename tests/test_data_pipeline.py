@@ -1,4 +1,4 @@
-"""The data pipeline of recipes/build_mixture.py: adapters on fixture rows in each source's real schema, the stage 1
+"""The data pipeline of recipes/data/build_mixture.py: adapters on fixture rows in each source's real schema, the stage 1
 checks and duplicate detection, the stage 2 refinement against a local fake OpenAI-compatible server, and the stage
 recipes training a step on the sets it writes."""
 
@@ -21,19 +21,19 @@ from transformers import AutoProcessor
 from trl import ModelConfig, RewardConfig, TrlParser
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(ROOT))
 
-import build_mixture  # noqa: E402
+from recipes.data import build_mixture  # noqa: E402
 
 from collators import ConversationRenderer, PreferenceDataArguments  # noqa: E402
-from collators.adapters import (  # noqa: E402
+from recipes.data.adapters import (  # noqa: E402
     DropRow,
     llava_critic,
     load_adapter_input,
     parse_critic_verdict,
     skywork_preference,
 )
-from collators.cleaning import (  # noqa: E402
+from recipes.data.cleaning import (  # noqa: E402
     ImageStore,
     ingest,
     minilm_encoder,
@@ -41,7 +41,7 @@ from collators.cleaning import (  # noqa: E402
     pair_lengths,
     similar_earlier,
 )
-from collators.regeneration import ChatClient, RegenerationError  # noqa: E402
+from recipes.data.regeneration import ChatClient, RegenerationError  # noqa: E402
 from heads import RewardModelArguments, ValueHeadRewardModel  # noqa: E402
 
 MAX_LENGTH = 400  # tokens of the tiny tokenizer; the fixture's normal pairs need ~100-200

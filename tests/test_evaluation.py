@@ -1,5 +1,5 @@
 """The benchmark evaluators: category rules and metrics on hand-computed cases, resumable scoring, and end-to-end
-runs of recipes/eval_*.py on a tiny reward model with fixtures in each benchmark's real schema."""
+runs of recipes/eval/*.py on a tiny reward model with fixtures in each benchmark's real schema."""
 
 import io
 import json
@@ -13,14 +13,13 @@ from transformers import AutoProcessor
 from trl import TrlParser
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-
-import eval_multimodal_rewardbench as mmrb  # noqa: E402
-import eval_rewardbench as rb  # noqa: E402
-import eval_vl_rewardbench as vlrb  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 from heads import ValueHeadRewardModel  # noqa: E402
-from heads.evaluation import PREDICTIONS_FILE, load_benchmark, read_predictions, score_pairs  # noqa: E402
+from recipes.eval import multimodal_rewardbench as mmrb  # noqa: E402
+from recipes.eval import rewardbench as rb  # noqa: E402
+from recipes.eval import vl_rewardbench as vlrb  # noqa: E402
+from recipes.eval.benchmark import PREDICTIONS_FILE, load_benchmark, read_predictions, score_pairs  # noqa: E402
 
 
 def predictions(*groups: tuple[str, list[bool]]) -> list[dict]:

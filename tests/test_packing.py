@@ -7,10 +7,10 @@ from PIL import Image
 from transformers import AutoProcessor
 from trl import RewardConfig
 
-from collators import PairCollator
+from collators import PairCollator, pair_collator_for
 from collators.packed_pair_collator import CHOSEN, PAD, PROMPT, REJECTED, PackedPairCollator
 from heads import ValueHeadRewardModel, VLRewardTrainer
-from heads.packing import pair_collator_for, shared_prompt_mask
+from heads.packing import shared_prompt_mask
 
 VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 TOLERANCE = dict(atol=1e-4, rtol=0)

@@ -13,9 +13,9 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from trl import TrlParser
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
+sys.path.insert(0, str(ROOT))
 
-import score as score_cli  # noqa: E402
+from recipes import score as score_cli  # noqa: E402
 
 from heads import RewardScorer  # noqa: E402
 

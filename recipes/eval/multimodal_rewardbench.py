@@ -9,7 +9,7 @@ The benchmark is not on the hub. Clone https://github.com/facebookresearch/multi
 `python scripts/0_download_data.py` inside it: it downloads the images into data/images/ and writes
 data/all_data.json (data/all_data_release.json with the prompts of the third-party sources filled in). Then:
 
-    python recipes/eval_multimodal_rewardbench.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
+    python recipes/eval/multimodal_rewardbench.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
         --dataset multimodal_rewardbench/data/all_data.json \
         --output_dir outputs/eval/skywork-vl-reward-7b/multimodal_rewardbench
 
@@ -22,11 +22,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
 from trl import TrlParser
 
-from heads.evaluation import (
+from recipes.eval.benchmark import (
     PREDICTIONS_FILE,
     EvaluationArguments,
     accuracy,

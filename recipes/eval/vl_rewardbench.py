@@ -7,7 +7,7 @@ mathverse / mmmu -> reasoning, wildvision -> wildvision-battle, hallucination ->
 vlfeedback. General = vlfeedback + wildvision-battle, Hallucination = povid + rlhf-v + rlaif-v,
 Reasoning = reasoning; Overall Accuracy = all correct / all, Macro Average = mean of the three.
 
-    python recipes/eval_vl_rewardbench.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
+    python recipes/eval/vl_rewardbench.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
         --output_dir outputs/eval/skywork-vl-reward-7b/vl_rewardbench
 
 A local copy: --dataset test.parquet (or a .jsonl with image paths, or a save_to_disk folder). Rerunning the
@@ -19,11 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
 from trl import TrlParser
 
-from heads.evaluation import (
+from recipes.eval.benchmark import (
     PREDICTIONS_FILE,
     EvaluationArguments,
     accuracy,

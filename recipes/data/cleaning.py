@@ -1,6 +1,6 @@
 """Stage 1 of the paper's data cleaning (§3.1): store and check images, drop unusable pairs, exact and near duplicates.
 
-Rows are dicts in the adapters' layout (collators/adapters.py) plus `source`, `row` (the index in its source, so
+Rows are dicts in the adapters' layout (recipes/data/adapters.py) plus `source`, `row` (the index in its source, so
 every drop names the source row) and the drop reason found while adapting. Each step keeps some rows and records,
 per source, rows in, rows out, drops per reason and a few examples in `report["steps"][step]`.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 from qwen_vl_utils.vision_process import MAX_RATIO, SPATIAL_MERGE_SIZE, smart_resize
 from tqdm.auto import tqdm
 
-from .adapters import ADAPT_REASONS, ADAPTERS, DropRow, load_adapter_input
+from recipes.data.adapters import ADAPT_REASONS, ADAPTERS, DropRow, load_adapter_input
 
 ROW_FEATURES = Features({
     "images": List(Value("string")),  # relative to the output folder

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from datasets import Dataset, load_dataset
 
-from .conversation import to_messages
-from .preference_data import _image_entry, _undecoded_images, load_source
+from collators.conversation import to_messages
+from collators.preference_data import _image_entry, _undecoded_images, load_source
 
 ADAPT_REASONS = ("tie", "unparsable")
 

@@ -1,6 +1,6 @@
 """Build the training sets of Skywork-VL Reward (paper §3.1) from the public preference datasets and your own jsonl.
 
-Adapt every source to the one preference schema (collators/adapters.py), then the paper's two stages:
+Adapt every source to the one preference schema (recipes/data/adapters.py), then the paper's two stages:
   1. drop ties and unreadable verdicts, bad images, empty / identical / over-long pairs, exact duplicates across
      sources and near duplicates (all-MiniLM-L6-v2 prompt embeddings, same images);
   2. with --surrogate_model (a reward model trained on stage 1's output): score every pair, and regenerate the
@@ -9,8 +9,8 @@ Adapt every source to the one preference schema (collators/adapters.py), then th
 Writes to --output_dir: stage1.parquet (multimodal pairs) and stage2.parquet (multimodal + text) with images/
 beside them, stage{1,2}_mixture.json (the stage recipes' dataset_mixture), report.json and review.jsonl.
 
-    python recipes/build_mixture.py --config recipes/qwen2_5_vl_7b/data.yaml
-    python recipes/build_mixture.py --config recipes/qwen2_5_vl_7b/data.yaml \
+    python recipes/data/build_mixture.py --config recipes/qwen2_5_vl_7b/data.yaml
+    python recipes/data/build_mixture.py --config recipes/qwen2_5_vl_7b/data.yaml \
         --surrogate_model outputs/qwen2.5-vl-7b-reward/stage1 --regeneration_base_url https://api.openai.com/v1
 """
 
@@ -22,15 +22,15 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
 import numpy as np
 from datasets import Dataset, Features
 from transformers import AutoProcessor
 from trl import TrlParser
 
-from collators import ConversationRenderer
-from collators.cleaning import (
+from collators import ConversationRenderer, PixelBudgetArguments
+from recipes.data.cleaning import (
     ROW_FEATURES,
     ImageStore,
     apply_drops,
@@ -40,14 +40,14 @@ from collators.cleaning import (
     ingest,
     minilm_encoder,
 )
-from collators.regeneration import ChatClient, RegenerationError, chat_messages
+from recipes.data.regeneration import ChatClient, RegenerationError, chat_messages
 from heads import RewardScorer
 
 OUTPUT_COLUMNS = ("images", "prompt", "chosen", "rejected", "source")
 
 
 @dataclass
-class BuildMixtureArguments:
+class BuildMixtureArguments(PixelBudgetArguments):
     sources: dict | str | None = field(
         default=None,
         metadata={"help": 'Sources in priority order (the first wins duplicates), {path or hub id: adapter}, e.g. '
@@ -58,8 +58,6 @@ class BuildMixtureArguments:
     processor: str = field(default="Qwen/Qwen2.5-VL-7B-Instruct",
                            metadata={"help": "The training model's processor: pair lengths are counted with it."})
     max_length: int | None = field(default=8192, metadata={"help": "Drop longer pairs; as in the stage configs."})
-    min_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image, as the stage configs."})
-    max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image, as the stage configs."})
     min_image_side: int = field(default=28, metadata={"help": "Drop images with a shorter side (pixels)."})
     near_duplicate_threshold: float = field(
         default=0.95, metadata={"help": "Cosine similarity of prompts (same images) from which a pair is a near "

