@@ -5,6 +5,7 @@ The canonical message form, used everywhere after loading:
 Strings and plain `{"role", "content": str}` messages are accepted and converted.
 """
 
+import copy
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,18 +70,50 @@ def open_image(image, base_dir: str | Path | None = None) -> Image.Image:
     return Image.open(path)
 
 
+def pixel_budget(processing_class) -> tuple[int | None, int | None]:
+    """(min_pixels, max_pixels) the processor resizes images to; (None, None) for processors without one."""
+    size = getattr(getattr(processing_class, "image_processor", None), "size", None)
+    if size is None:
+        return None, None
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    return get("shortest_edge"), get("longest_edge")
+
+
+def set_pixel_budget(processing_class, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Writes the budget into the processor's image processor, so `save_pretrained` stores it with the checkpoint
+    and every later load resizes as training did. Unset values keep the processor's own."""
+    image_processor = getattr(processing_class, "image_processor", None)
+    if image_processor is None or (min_pixels is None and max_pixels is None):
+        return
+    current_min, current_max = pixel_budget(processing_class)
+    if current_min is None and current_max is None:
+        raise ValueError(f"{type(image_processor).__name__} has no pixel budget (size.shortest_edge / longest_edge)")
+    budget = {"shortest_edge": min_pixels or current_min, "longest_edge": max_pixels or current_max}
+    if budget["shortest_edge"] > budget["longest_edge"]:
+        raise ValueError(f"min_pixels {budget['shortest_edge']} is larger than max_pixels {budget['longest_edge']}")
+    size = image_processor.size
+    fields = {k: v for k, v in (size.items() if isinstance(size, dict) else vars(size).items()) if v is not None}
+    image_processor.size = type(size)(**{**fields, **budget})
+
+
 class ConversationRenderer:
     """Turns (images, prompt, response) items into one right-padded batch for the reward model.
 
-    Qwen processors get their images through qwen-vl-utils, which resizes to the pixel budget
-    (`min_pixels` / `max_pixels`, its defaults when unset, as in the Skywork-VL-Reward model card).
+    The pixel budget is the processor's own (saved with the checkpoint); `min_pixels` / `max_pixels` override it
+    on a copy of the processor. Qwen processors get their images through qwen-vl-utils with that same budget, so
+    an image is resized once (qwen-vl-utils' result is already what the processor would make of it).
     """
 
     def __init__(self, processing_class, min_pixels: int | None = None, max_pixels: int | None = None):
+        has_images = getattr(processing_class, "image_processor", None) is not None
+        if has_images and (min_pixels is not None or max_pixels is not None):
+            processing_class = copy.copy(processing_class)  # the caller's processor keeps its budget
+            processing_class.image_processor = copy.deepcopy(processing_class.image_processor)
+            set_pixel_budget(processing_class, min_pixels, max_pixels)
         self.processing_class = processing_class
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.image_processor = getattr(processing_class, "image_processor", None)
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.min_pixels, self.max_pixels = pixel_budget(processing_class)
 
     def load_image(self, image) -> Image.Image:
         image = open_image(image)
