@@ -1,11 +1,11 @@
-"""Preference pairs -> one sequence per pair: the shared prompt once, then the chosen and the rejected answer.
+"""One prompt, N responses -> one sequence: the shared prompt once, then every response as a branch.
 
-    [ prompt (image tokens included) | chosen answer | rejected answer | pad ]
+    [ prompt (image tokens included) | response 1 | response 2 | ... | response N | pad ]
 
-Both answers' positions continue from the end of the prompt, so each branch has exactly the token ids and
-positions of its row in the plain two-row batch; the mask built in heads/packing.py keeps the rejected answer
-from seeing the chosen one. Each image is processed once per pair, and each reward is read at the last token
-of its branch.
+Every branch's positions continue from the end of the prompt, so each branch has exactly the token ids and
+positions of its own plain row; the mask built in heads/packing.py lets a branch see the prompt and itself only.
+Each image is processed once per prompt, and each reward is read at the last token of its branch. A preference
+pair is the case N = 2 (branch 1 the chosen answer, branch 2 the rejected one); scoring best-of-N is the general case.
 """
 
 import logging
@@ -13,23 +13,25 @@ from itertools import groupby
 
 import torch
 
+from .conversation import ConversationRenderer
 from .pair_collator import PairCollator
 
 logger = logging.getLogger(__name__)
 
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+# Segment ids: 0 the prompt, 1..N the branches (a pair: 1 chosen, 2 rejected), -1 padding.
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 # Families whose backbone takes explicit (m)RoPE position ids and a 4D mask, and whose positions pack_pairs computes.
 PACKED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2")
 
 
-def shared_prefix_length(a: list[int], b: list[int]) -> int:
-    """Tokens the two rows have in common at the start, leaving each branch at least its last token."""
+def shared_prefix_length(*rows: list[int]) -> int:
+    """Tokens all rows have in common at the start, leaving each branch at least its last token."""
     n = 0
-    for x, y in zip(a, b):
-        if x != y:
+    for tokens in zip(*rows):
+        if any(token != tokens[0] for token in tokens):
             break
         n += 1
-    return min(n, len(a) - 1, len(b) - 1)
+    return min(n, *(len(row) - 1 for row in rows))
 
 
 def mrope_positions(ids: list[int], image_grids, image_token_id: int | None,
@@ -51,37 +53,95 @@ def mrope_positions(ids: list[int], image_grids, image_token_id: int | None,
     return torch.cat(parts, dim=1), position
 
 
-def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_token_id: int, mrope: bool,
-               image_grids=None, image_token_id: int | None = None, merge_size: int = 2) -> dict:
-    """(prompt, chosen, rejected) token ids per pair -> the packed tensors (right padded).
+def pack_branches(groups: list[tuple[list[int], list[list[int]]]], pad_token_id: int, mrope: bool,
+                  image_grids=None, image_token_id: int | None = None, merge_size: int = 2) -> dict:
+    """(prompt, [branch 1, ..., branch N]) token ids per group -> the packed tensors (right padded).
 
-    `position_ids` is [3, B, L] with mRoPE (image tokens get 3D positions), else [B, L].
+    `position_ids` is [3, B, L] with mRoPE (image tokens get 3D positions), else [B, L]. `branch_row` and
+    `branch_index` say where each branch's last token is, group by group and branch by branch.
     """
     grids = iter(image_grids if image_grids is not None else [])
-    length = max(len(p) + len(c) + len(r) for p, c, r in pairs)
-    input_ids = torch.full((len(pairs), length), pad_token_id)
-    segment_ids = torch.full((len(pairs), length), PAD)
-    position_ids = torch.zeros((3, len(pairs), length), dtype=torch.long)
-    chosen_index, rejected_index = [], []
-    for row, (prompt, chosen, rejected) in enumerate(pairs):
-        end = len(prompt) + len(chosen) + len(rejected)
-        input_ids[row, :end] = torch.tensor(prompt + chosen + rejected)
-        segment_ids[row, :end] = torch.tensor([PROMPT] * len(prompt) + [CHOSEN] * len(chosen)
-                                              + [REJECTED] * len(rejected))
+    length = max(len(prompt) + sum(map(len, branches)) for prompt, branches in groups)
+    input_ids = torch.full((len(groups), length), pad_token_id)
+    segment_ids = torch.full((len(groups), length), PAD)
+    position_ids = torch.zeros((3, len(groups), length), dtype=torch.long)
+    branch_row, branch_index = [], []
+    for row, (prompt, branches) in enumerate(groups):
+        end = len(prompt) + sum(map(len, branches))
+        input_ids[row, :end] = torch.tensor(prompt + [token for branch in branches for token in branch])
+        segment_ids[row, :end] = torch.tensor(
+            [PROMPT] * len(prompt) + [k for k, branch in enumerate(branches, start=1) for _ in branch])
         prompt_positions, start = mrope_positions(prompt, grids, image_token_id, merge_size)
-        # Both answers continue from the end of the prompt, as each does in its own plain row.
-        answers = start + torch.cat([torch.arange(len(chosen)), torch.arange(len(rejected))])
+        # Every branch continues from the end of the prompt, as it does in its own plain row.
+        answers = start + torch.cat([torch.arange(len(branch)) for branch in branches])
         position_ids[:, row, :end] = torch.cat([prompt_positions, answers.expand(3, -1)], dim=1)
-        chosen_index.append(len(prompt) + len(chosen) - 1)
-        rejected_index.append(end - 1)
+        last = len(prompt) - 1
+        for branch in branches:
+            last += len(branch)
+            branch_row.append(row)
+            branch_index.append(last)
     return {
         "input_ids": input_ids,
         "attention_mask": (segment_ids != PAD).long(),  # real tokens: what TRL and the trainer count
         "segment_ids": segment_ids,
         "position_ids": position_ids if mrope else position_ids[0],  # text-only models take 1D positions
-        "chosen_index": torch.tensor(chosen_index),
-        "rejected_index": torch.tensor(rejected_index),
+        "branch_row": torch.tensor(branch_row),
+        "branch_index": torch.tensor(branch_index),
     }
+
+
+def pack_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_token_id: int, mrope: bool,
+               image_grids=None, image_token_id: int | None = None, merge_size: int = 2) -> dict:
+    """(prompt, chosen, rejected) token ids per pair -> `pack_branches` with N = 2, the rewards ordered as TRL's
+    RewardTrainer wants them: every chosen one, then every rejected one."""
+    batch = pack_branches([(prompt, [chosen, rejected]) for prompt, chosen, rejected in pairs], pad_token_id, mrope,
+                          image_grids=image_grids, image_token_id=image_token_id, merge_size=merge_size)
+    return chosen_then_rejected(batch)
+
+
+def chosen_then_rejected(batch: dict) -> dict:
+    """Reorders the branches of a packed pair batch from (chosen, rejected) per pair to every chosen branch, then
+    every rejected one: TRL's RewardTrainer order."""
+    pairs = batch["input_ids"].shape[0]
+    order = torch.cat([torch.arange(0, 2 * pairs, 2), torch.arange(1, 2 * pairs, 2)])
+    batch["branch_row"], batch["branch_index"] = batch["branch_row"][order], batch["branch_index"][order]
+    return batch
+
+
+def pack_conversations(renderer: ConversationRenderer, groups: list[tuple[list, object, list]]) -> dict | None:
+    """(images, prompt, [response 1, ..., response N]) per group -> one packed batch (`pack_branches`), each
+    image processed once. The rows are rendered and tokenized as `renderer` renders them one by one; the shared
+    prompt is the tokens all N rows have in common. None when an image sits inside a response (it is not shared):
+    the caller then uses plain rows."""
+    texts = [[renderer.render_text(prompt, response, len(images)) for response in responses]
+             for images, prompt, responses in groups]
+    flat = renderer.tokenizer([text for group in texts for text in group], add_special_tokens=False)["input_ids"]
+    rows, start = [], 0  # one placeholder per image, not expanded
+    for group in texts:
+        rows.append(flat[start:start + len(group)])
+        start += len(group)
+    image_token_id = getattr(renderer.processing_class, "image_token_id", None)
+    splits = [shared_prefix_length(*group) for group in rows]
+    if any(image_token_id in row[split:] for group, split in zip(rows, splits) for row in group):
+        return None
+    images = renderer.load_images([{"images": images} for images, _, _ in groups])
+
+    vision = dict(renderer.image_processor(images=images, return_tensors="pt")) if images else {}
+    # The processor's rule: an image becomes grid_t * grid_h * grid_w / merge_size**2 placeholder tokens.
+    merge_size = getattr(renderer.image_processor, "merge_size", 1)
+    counts = iter((vision["image_grid_thw"].prod(-1) // merge_size**2).tolist() if images else [])
+    packed = []
+    for group, split in zip(rows, splits):
+        prompt = []
+        for token in group[0][:split]:
+            prompt += [token] * (next(counts) if token == image_token_id else 1)
+        packed.append((prompt, [row[split:] for row in group]))
+    batch = pack_branches(
+        packed, renderer.tokenizer.pad_token_id, mrope=renderer.image_processor is not None,
+        image_grids=vision.get("image_grid_thw"), image_token_id=image_token_id, merge_size=merge_size,
+    )
+    batch.update(vision)
+    return batch
 
 
 class PackedPairCollator(PairCollator):
@@ -93,30 +153,10 @@ class PackedPairCollator(PairCollator):
     """
 
     def __call__(self, examples: list[dict]) -> dict:
-        texts = [self.render_text(e["prompt"], e[side], len(e["images"]))
-                 for e in examples for side in ("chosen", "rejected")]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]  # one placeholder per image, not expanded
-        image_token_id = getattr(self.processing_class, "image_token_id", None)
-        splits = [shared_prefix_length(ids[2 * i], ids[2 * i + 1]) for i in range(len(examples))]
-        if any(image_token_id in ids[2 * i + j][split:] for i, split in enumerate(splits) for j in (0, 1)):
+        batch = pack_conversations(self, [(e["images"], e["prompt"], [e["chosen"], e["rejected"]]) for e in examples])
+        if batch is None:
             return super().__call__(examples)
-        images = self.load_images(examples)
-
-        vision = dict(self.image_processor(images=images, return_tensors="pt")) if images else {}
-        # The processor's rule: an image becomes grid_t * grid_h * grid_w / merge_size**2 placeholder tokens.
-        merge_size = getattr(self.image_processor, "merge_size", 1)
-        counts = iter((vision["image_grid_thw"].prod(-1) // merge_size**2).tolist() if images else [])
-        pairs = []
-        for i, split in enumerate(splits):
-            prompt = []
-            for token in ids[2 * i][:split]:
-                prompt += [token] * (next(counts) if token == image_token_id else 1)
-            pairs.append((prompt, ids[2 * i][split:], ids[2 * i + 1][split:]))
-        batch = pack_pairs(
-            pairs, self.tokenizer.pad_token_id, mrope=self.image_processor is not None,
-            image_grids=vision.get("image_grid_thw"), image_token_id=image_token_id, merge_size=merge_size,
-        )
-        batch.update(vision)
+        chosen_then_rejected(batch)
         if examples and examples[0].get("margin") is not None:
             batch["margin"] = torch.tensor([float(example["margin"]) for example in examples])
         return batch

@@ -1,10 +1,19 @@
-"""Score and rank responses with a trained reward model: the same render + forward as training."""
+"""Score and rank responses with a trained reward model: the same render + forward as training.
+
+Responses to one prompt (the same prompt and images: best-of-N, or a benchmark pair) are scored in one packed
+sequence, prompt | response 1 | ... | response N, where each response sees the prompt and itself only: the image
+and the prompt are encoded once instead of N times, and each reward equals the one of its plain row.
+"""
+
+import hashlib
+import json
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
 from collators import ConversationRenderer
+from collators.packed_pair_collator import pack_conversations, supports_packing
 
 from .value_head import ValueHeadRewardModel
 
@@ -17,10 +26,12 @@ class RewardScorer:
     """
 
     def __init__(self, model: ValueHeadRewardModel, processing_class, batch_size: int = 8,
-                 min_pixels: int | None = None, max_pixels: int | None = None):
+                 min_pixels: int | None = None, max_pixels: int | None = None, shared_prompt: bool = True):
         self.model = model.eval()
         self.renderer = ConversationRenderer(processing_class, min_pixels=min_pixels, max_pixels=max_pixels)
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # responses per forward pass
+        # Packs the responses of one prompt into one sequence where the family supports it (see module docstring).
+        self.shared_prompt = shared_prompt
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | None = None, dtype: str | torch.dtype | None = None,
@@ -37,18 +48,64 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(self, items: list[dict], progress: bool = False) -> list[float]:
-        """One reward per item, in input order. Batches are formed from items of similar length."""
-        order = sorted(range(len(items)), key=lambda i: _approximate_length(items[i]))
+        """One reward per item, in input order. Items with the same prompt and images go into one packed sequence
+        per prompt (up to `batch_size` responses each) where the model supports it; the others are batched as
+        plain rows of similar length."""
         scores = [0.0] * len(items)
-        starts = range(0, len(order), self.batch_size)
-        for start in tqdm(starts, desc="Scoring", disable=not progress):
-            indices = order[start:start + self.batch_size]
-            batch = self.renderer([items[i] for i in indices])
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            rewards = self.model(**batch).logits.squeeze(-1).float().cpu().tolist()
-            for index, reward in zip(indices, rewards):
-                scores[index] = reward
+        groups, rows = self._shared_prompt_groups(items)
+        with tqdm(total=len(items), desc="Scoring", disable=not progress) as bar:
+            for batch_groups in self._batches(groups, items):
+                batch = pack_conversations(self.renderer, [
+                    (items[group[0]]["images"], items[group[0]]["prompt"], [items[i]["response"] for i in group])
+                    for group in batch_groups])
+                indices = [i for group in batch_groups for i in group]
+                if batch is None:  # an image inside a response is not shared: plain rows
+                    rows += indices
+                    continue
+                self._forward(batch, indices, scores)
+                bar.update(len(indices))
+            rows.sort(key=lambda i: _approximate_length(items[i]))
+            for start in range(0, len(rows), self.batch_size):
+                indices = rows[start:start + self.batch_size]
+                self._forward(self.renderer([items[i] for i in indices]), indices, scores)
+                bar.update(len(indices))
         return scores
+
+    def _forward(self, batch: dict, indices: list[int], scores: list[float]) -> None:
+        batch = {k: v.to(self.model.device) for k, v in batch.items()}
+        rewards = self.model(**batch).logits.squeeze(-1).float().cpu().tolist()
+        for index, reward in zip(indices, rewards):
+            scores[index] = reward
+
+    def _shared_prompt_groups(self, items: list[dict]) -> tuple[list[list[int]], list[int]]:
+        """Indices of items sharing a prompt and images, in groups of 2 to `batch_size`; and the rest, as rows."""
+        if not self.shared_prompt or not supports_packing(self.model):
+            return [], list(range(len(items)))
+        by_prompt = {}
+        for index, item in enumerate(items):
+            by_prompt.setdefault(_prompt_key(item), []).append(index)
+        groups, rows = [], []
+        for indices in by_prompt.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start:start + self.batch_size]
+                if len(chunk) > 1:
+                    groups.append(chunk)
+                else:
+                    rows += chunk
+        return groups, rows
+
+    def _batches(self, groups: list[list[int]], items: list[dict]):
+        """Groups of similar length, at most `batch_size` responses per batch."""
+        groups = sorted(groups, key=lambda group: max(_approximate_length(items[i]) for i in group))
+        batch, size = [], 0
+        for group in groups:
+            if batch and size + len(group) > self.batch_size:
+                yield batch
+                batch, size = [], 0
+            batch.append(group)
+            size += len(group)
+        if batch:
+            yield batch
 
     def rank(self, prompt, responses: list, images: list = ()) -> list[tuple[object, float]]:
         """(response, reward) pairs, best first."""
@@ -58,3 +115,18 @@ class RewardScorer:
 
 def _approximate_length(item: dict) -> int:
     return len(str(item["prompt"])) + len(str(item["response"])) + 1000 * len(item["images"])
+
+
+def _prompt_key(item: dict) -> str:
+    """Items with equal keys share the prompt and the images (compared by content, whatever their form)."""
+    return json.dumps([item["prompt"], [_image_key(image) for image in item["images"]]], sort_keys=True, default=str)
+
+
+def _image_key(image) -> str:
+    if isinstance(image, dict):  # datasets.Image(decode=False)
+        image = image["bytes"] if image.get("bytes") else image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return "bytes:" + hashlib.sha1(image).hexdigest()
+    if hasattr(image, "tobytes"):  # a PIL image
+        return f"pil:{image.mode}:{image.size}:" + hashlib.sha1(image.tobytes()).hexdigest()
+    return f"path:{image}"

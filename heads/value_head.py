@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
 
-from .packing import packed_pair_rewards
+from .packing import shared_prompt_rewards
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # older LLaMA-Factory / TRL saves
@@ -127,8 +127,8 @@ class ValueHeadRewardModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, margin=None, use_cache=False, **model_inputs) -> RewardOutput:
         # `margin` belongs to the loss; TRL's RewardTrainer.compute_loss passes the whole batch here.
-        if "segment_ids" in model_inputs:  # a PackedPairCollator batch: one sequence per pair
-            rewards = packed_pair_rewards(self.backbone, self.v_head, input_ids, use_cache=use_cache, **model_inputs)
+        if "segment_ids" in model_inputs:  # a packed batch: one sequence per pair (or per prompt + N answers)
+            rewards = shared_prompt_rewards(self.backbone, self.v_head, input_ids, use_cache=use_cache, **model_inputs)
             return RewardOutput(logits=rewards)
         outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **model_inputs)
         hidden = outputs.last_hidden_state
