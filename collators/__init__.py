@@ -1,4 +1,11 @@
-from .conversation import ConversationRenderer, PixelBudgetArguments, open_image, to_messages
+from .conversation import (
+    ConversationRenderer,
+    PixelBudgetArguments,
+    open_image,
+    pixel_budget,
+    set_pixel_budget,
+    to_messages,
+)
 from .packed_pair_collator import PackedPairCollator, pair_collator_for
 from .pair_collator import PairCollator
 from .preference_data import PreferenceDataArguments, load_preference_mixture, load_training_data
@@ -13,5 +20,7 @@ __all__ = [
     "load_training_data",
     "open_image",
     "pair_collator_for",
+    "pixel_budget",
+    "set_pixel_budget",
     "to_messages",
 ]

@@ -1,7 +1,7 @@
 from .arguments import RewardModelArguments
 from .freezing import apply_freezing, find_vision_tower
 from .scoring import RewardScorer
-from .trainer import VLRewardTrainer
+from .trainer import VLRewardTrainer, resume_checkpoint
 from .value_head import VALUE_HEAD_FILE, ValueHeadRewardModel
 
 __all__ = [
@@ -12,4 +12,5 @@ __all__ = [
     "ValueHeadRewardModel",
     "apply_freezing",
     "find_vision_tower",
+    "resume_checkpoint",
 ]

@@ -5,16 +5,55 @@ logged accuracy / margin / min-mean-max reward / num_tokens, and the Trainer fea
 checkpointing and accumulation, report_to, push_to_hub, resume_from_checkpoint).
 """
 
+import logging
 import os
+import re
 import time
+from pathlib import Path
 
 import torch
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from trl import RewardConfig, RewardTrainer
 
 from collators import PairCollator
 
+from .value_head import VALUE_HEAD_FILE
+
+logger = logging.getLogger(__name__)
+
 SCHEMA_COLUMNS = ["images", "prompt", "chosen", "rejected", "margin"]
+# The Trainer writes trainer_state.json last, and value_head.safetensors is the last file of our model save: a
+# checkpoint holding both was saved to the end.
+COMPLETE_CHECKPOINT_FILES = (VALUE_HEAD_FILE, TRAINER_STATE_NAME)
+
+
+def missing_checkpoint_files(checkpoint: str | os.PathLike) -> list[str]:
+    return [name for name in COMPLETE_CHECKPOINT_FILES if not (Path(checkpoint) / name).is_file()]
+
+
+def resume_checkpoint(args) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` asks for: `true` is the latest complete checkpoint-N in output_dir
+    (one cut short by a kill during its save is skipped, with a warning), a path must be a complete checkpoint."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", ""):
+        return None
+    if str(value).lower() not in ("true", "yes", "1"):
+        if not Path(value).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such directory")
+        missing = missing_checkpoint_files(value)
+        if missing:
+            raise ValueError(f"--resume_from_checkpoint {value} is incomplete (no {', '.join(missing)}): its save was "
+                             "interrupted; resume from an earlier checkpoint or --resume_from_checkpoint true")
+        return str(value)
+    numbered = [(int(m.group(1)), path) for path in Path(args.output_dir).glob("checkpoint-*")
+                if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
+    for _, path in sorted(numbered, reverse=True):
+        missing = missing_checkpoint_files(path)
+        if not missing:
+            logger.info("Resuming from %s", path)
+            return str(path)
+        logger.warning("Skipping %s: incomplete (no %s), its save was interrupted", path, ", ".join(missing))
+    raise FileNotFoundError(f"--resume_from_checkpoint true: no complete checkpoint-N in {args.output_dir}")
 
 
 class VLRewardTrainer(RewardTrainer):

@@ -17,15 +17,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
 
-from transformers import AutoProcessor
+from transformers import AutoProcessor, set_seed
 from trl import ModelConfig, RewardConfig, TrlParser
 
-from collators import PreferenceDataArguments, load_training_data, pair_collator_for
-from heads import RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing
+from collators import PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget
+from heads import RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, resume_checkpoint
 
 
 def main(data_args, model_args, training_args, model_config):
+    set_seed(training_args.seed)  # before the value head is built: same arguments, same weights
     processor = AutoProcessor.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision)
+    set_pixel_budget(processor, data_args.min_pixels, data_args.max_pixels)  # saved with the checkpoint
 
     # Model: the VLM plus a fresh value head; the vision tower is frozen.
     model = ValueHeadRewardModel.from_pretrained(
@@ -48,7 +50,7 @@ def main(data_args, model_args, training_args, model_config):
         processing_class=processor,
         data_collator=pair_collator_for(model, processor, data_args.pack_pairs, data_args.min_pixels, data_args.max_pixels),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         (Path(training_args.output_dir) / "data_report.json").write_text(json.dumps(report, indent=2))
