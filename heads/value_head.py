@@ -24,6 +24,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
 
 from .packing import shared_prompt_rewards
+from .sharding import vision_tower_must_run, zero_vision_term
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # older LLaMA-Factory / TRL saves
@@ -79,16 +80,43 @@ def find_value_head_file(path: str | os.PathLike, **hub_kwargs) -> str | None:
     return None
 
 
-def load_value_head_state(file: str) -> dict[str, torch.Tensor]:
+def load_value_head_state(file: str, hidden_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The head's two tensors, checked: exactly the two keys, shaped as a head on `hidden_size` (when given)."""
     state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu")
-    expected = {"v_head.summary.weight", "v_head.summary.bias"}
-    if not expected <= set(state):
-        raise ValueError(f"{file}: expected keys {sorted(expected)}, found {sorted(state)}")
+    weight = state.get("v_head.summary.weight")
+    hidden_size = hidden_size or (weight.shape[-1] if weight is not None else 0)
+    expected = {"v_head.summary.weight": (1, hidden_size), "v_head.summary.bias": (1,)}
+    if set(state) != set(expected):
+        raise ValueError(f"{file}: expected exactly the keys {sorted(expected)}, found {sorted(state)}; "
+                         "this is not a value head of this repository's layout")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"{file}: {key} has shape {list(state[key].shape)}, expected {list(shape)} "
+                             f"(the model's hidden size is {hidden_size}): the head belongs to another model")
     return {key.removeprefix("v_head."): state[key] for key in expected}
+
+
+def check_model_path(path: str | os.PathLike) -> None:
+    """A clear error for a local path that is not a model, before transformers calls it a bad repo id."""
+    text = str(path)
+    if os.path.isdir(text):
+        if not os.path.isfile(os.path.join(text, "config.json")):
+            raise FileNotFoundError(f"{text} is not a model directory: it has no config.json "
+                                    "(a reward model directory holds the base checkpoint and value_head.safetensors)")
+        return
+    if os.path.exists(text):
+        raise NotADirectoryError(f"{text} is a file; give the model's directory")
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or os.sep != "/" and os.sep in text
+    if looks_local:
+        raise FileNotFoundError(f"{text}: no such directory (and not a hub id of the form owner/name)")
 
 
 class ValueHeadRewardModel(nn.Module):
     """`pretrained_model` (the base VLM / LM) + `v_head`. Forward returns one reward per row."""
+
+    # Whether a batch without images runs the vision tower on a dummy image (its output adds exactly 0), so that
+    # sharded parameters' collectives match on every rank. None: whenever torch.distributed has several processes.
+    run_vision_tower_always: bool | None = None
 
     def __init__(self, pretrained_model: nn.Module):
         super().__init__()
@@ -127,14 +155,21 @@ class ValueHeadRewardModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, margin=None, use_cache=False, **model_inputs) -> RewardOutput:
         # `margin` belongs to the loss; TRL's RewardTrainer.compute_loss passes the whole batch here.
+        zero = None
+        if (model_inputs.get("pixel_values") is None and model_inputs.get("pixel_values_videos") is None
+                and getattr(self.config, "vision_config", None) is not None
+                and vision_tower_must_run(self.run_vision_tower_always)):
+            # Before the backbone, where a batch with images runs the tower: the collectives keep the same order.
+            zero = zero_vision_term(self.backbone, input_ids.device)  # see heads/sharding.py
         if "segment_ids" in model_inputs:  # a packed batch: one sequence per pair (or per prompt + N answers)
             rewards = shared_prompt_rewards(self.backbone, self.v_head, input_ids, use_cache=use_cache, **model_inputs)
-            return RewardOutput(logits=rewards)
-        outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **model_inputs)
-        hidden = outputs.last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last_hidden = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
-        return RewardOutput(logits=self.v_head(last_hidden).unsqueeze(-1))
+        else:
+            outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **model_inputs)
+            hidden = outputs.last_hidden_state
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last_hidden = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+            rewards = self.v_head(last_hidden).unsqueeze(-1)
+        return RewardOutput(logits=rewards if zero is None else rewards + zero)
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs):
         """Writes the base checkpoint (lm_head included) and value_head.safetensors beside it."""
