@@ -1,0 +1,67 @@
+"""Reward models in the release layout and a real server on 127.0.0.1, shared by the serving and RL tests."""
+
+import base64
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+import uvicorn
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+
+def write_reward_model(base: Path, out: Path, seed: int = 0) -> Path:
+    """The base checkpoint's own save_pretrained plus a random value_head.safetensors (the release layout)."""
+    config = AutoConfig.from_pretrained(base)
+    vision = hasattr(config, "vision_config")
+    model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(base)
+    model.save_pretrained(out)
+    (AutoProcessor if vision else AutoTokenizer).from_pretrained(base).save_pretrained(out)
+    generator = torch.Generator().manual_seed(seed)
+    hidden = config.get_text_config().hidden_size
+    head = {"v_head.summary.weight": torch.randn(1, hidden, generator=generator) / hidden**0.5,
+            "v_head.summary.bias": torch.randn(1, generator=generator)}
+    save_file(head, str(out / "value_head.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving `app` on a free port of 127.0.0.1 in a background thread."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
