@@ -12,7 +12,10 @@ Schema (one row = one pair), from a hub id or a local .jsonl / .json / .parquet 
 Every row is checked once, before training: images decode, responses are non-empty and differ, and both
 rendered sequences fit `max_length` (a response is never cut: its last token is the one scored). Bad rows
 are dropped and counted per reason (`bad_rows=drop`, the default) or stop the run with an error naming the
-file and the row (`bad_rows=error`); the per-source report is logged and returned.
+file and the row (`bad_rows=error`); the per-source report is logged and returned. Rows count from 0, as
+`datasets` indexes them (row 0 is the first line of a .jsonl file). The check runs on the files as they are at
+every load, never from `datasets`' cache. An empty source, or a mixture with no row left, is an error with the
+report's table.
 """
 
 import json
@@ -70,6 +73,8 @@ def load_source(path: str, split: str = "train") -> tuple[Dataset, str | None]:
     if local.is_file():
         if local.suffix not in LOCAL_FORMATS:
             raise ValueError(f"{path}: unsupported file type {local.suffix!r}; use one of {sorted(LOCAL_FORMATS)}")
+        if LOCAL_FORMATS[local.suffix] == "json" and not local.read_text().strip():
+            raise ValueError(f"{path}: the file is empty (no rows)")
         return load_dataset(LOCAL_FORMATS[local.suffix], data_files=str(local), split="train"), str(local.parent)
     if local.is_dir():
         if (local / "dataset_info.json").exists() or (local / "state.json").exists():
@@ -104,6 +109,23 @@ def _is_empty(messages: list[dict]) -> bool:
     return not any((part["text"] or "").strip() or part["type"] == "image" for m in messages for part in m["content"])
 
 
+def _message_problem(value) -> str | None:
+    """What makes `value` neither a string nor a list of chat messages (None when it is one)."""
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, list):
+        return f"expected a string or a list of chat messages, got {type(value).__name__}"
+    for number, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            return f"message {number} is not a {{role, content}} dict: {message!r:.80}"
+        content = message["content"]
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+            return f"message {number}: content must be a string or a list of parts, got {content!r:.80}"
+    return None
+
+
 class RowChecker:
     """Normalises one row to the canonical form and finds what is wrong with it ('' when nothing)."""
 
@@ -111,26 +133,39 @@ class RowChecker:
         self.name, self.base_dir, self.renderer, self.max_length, self.strict = name, base_dir, renderer, max_length, strict
 
     def __call__(self, row: dict, index: int) -> dict:
-        images = row.get("images")
-        if images is None:
-            images = [] if row.get("image") is None else [row["image"]]
-        images = [_image_entry(image, self.base_dir) for image in images]
-        out = {
-            "images": images,
-            "prompt": to_messages(row["prompt"], "user"),
-            "chosen": to_messages(row["chosen"], "assistant"),
-            "rejected": to_messages(row["rejected"], "assistant"),
-            "source": row.get("source") or self.name,
-            "drop_reason": "",
-            "drop_detail": "",
-        }
-        problem = self.find_problem(out)
+        out = {"images": [], "prompt": [], "chosen": [], "rejected": [], "source": str(row.get("source") or self.name),
+               "drop_reason": "", "drop_detail": ""}
+        if "margin" in row:
+            out["margin"] = 0.0
+        problem = self.normalise(row, out)
+        if problem is None:
+            problem = self.find_problem(out)
         if problem:
             reason, detail = problem
             out["drop_reason"], out["drop_detail"] = reason, f"{self.name}: row {index}: {detail}"
             if self.strict:
                 raise BadRowError(out["drop_detail"])
         return out
+
+    def normalise(self, row: dict, out: dict) -> tuple[str, str] | None:
+        """Fills `out` with the canonical form of `row`, or says which field has the wrong type."""
+        for field_name, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
+            problem = _message_problem(row[field_name])
+            if problem:
+                return f"bad_{'prompt' if field_name == 'prompt' else 'response'}", f"{field_name}: {problem}"
+            out[field_name] = to_messages(row[field_name], role)
+        images = row.get("images")
+        if images is None:
+            images = [] if row.get("image") is None else [row["image"]]
+        if not isinstance(images, list) or any(image is None for image in images):
+            return "bad_image_field", f"images must be a list of images, got {images!r:.80}"
+        out["images"] = [_image_entry(image, self.base_dir) for image in images]
+        if "margin" in row:
+            margin = row["margin"]
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+                return "bad_margin", f"margin must be a number, got {margin!r:.80}"
+            out["margin"] = float(margin)
+        return None
 
     def find_problem(self, row: dict) -> tuple[str, str] | None:
         for image in row["images"]:
@@ -141,6 +176,10 @@ class RowChecker:
                 open_image(image).load()
             except Exception as error:  # PIL raises several types for undecodable data
                 return "corrupt_image", f"image {where} cannot be decoded ({type(error).__name__}: {error})"
+            try:
+                self.renderer.load_image(image)  # the resize of training: qwen-vl-utils refuses extreme shapes
+            except Exception as error:
+                return "unusable_image", f"image {where} cannot be resized for the model ({error})"
         if _is_empty(row["prompt"]) and not row["images"]:
             return "empty_prompt", "the prompt is empty"
         for side in ("chosen", "rejected"):
@@ -193,19 +232,22 @@ def load_preference_mixture(
                 f"{name}: missing column(s) {missing}; found {dataset.column_names}. "
                 f"Expected the preference schema: images (or image), {', '.join(REQUIRED_COLUMNS)}, optional margin."
             )
+        if len(dataset) == 0:
+            raise ValueError(f"{name}: no rows")
         dataset = _undecoded_images(dataset)
         checker = RowChecker(name, base_dir, renderer, max_length, strict=bad_rows == "error")
-        keep = ["margin"] if "margin" in dataset.column_names else []
+        # Never from datasets' cache: its key is the data file, not the images, which may have changed since.
         checked = dataset.map(
             checker, with_indices=True, num_proc=num_proc, desc=f"Checking {name}",
-            remove_columns=[c for c in dataset.column_names if c not in keep],
+            remove_columns=dataset.column_names, load_from_cache_file=False,
         )
         reasons = Counter(checked["drop_reason"])
         examples = {}
         for reason, detail in zip(checked["drop_reason"], checked["drop_detail"]):
             if reason and reason not in examples:
                 examples[reason] = detail
-        kept = checked.filter(lambda r: r == "", input_columns="drop_reason").remove_columns(["drop_reason", "drop_detail"])
+        kept = checked.filter(lambda r: r == "", input_columns="drop_reason", load_from_cache_file=False)
+        kept = kept.remove_columns(["drop_reason", "drop_detail"])
         report[name] = {
             "rows": len(dataset),
             "kept": len(kept),
@@ -218,11 +260,15 @@ def load_preference_mixture(
     if has_margin:
         parts = [p if "margin" in p.column_names else p.add_column("margin", [0.0] * len(p)) for p in parts]
     mixed = concatenate_datasets([p.cast_column("images", List(Image(decode=False))) for p in parts])
-    log_report(report, len(mixed))
+    table = format_report(report, len(mixed))
+    if len(mixed) == 0:
+        raise ValueError(f"no pair is left to train on from {', '.join(report)}: every row was dropped or "
+                         f"weighted out.\n{table}")
+    logger.info("Preference data:\n%s", table)
     return mixed, report
 
 
-def log_report(report: dict, total: int) -> None:
+def format_report(report: dict, total: int) -> str:
     lines = [f"{'source':<48} {'rows':>8} {'kept':>8}  dropped"]
     for name, entry in report.items():
         dropped = ", ".join(f"{reason}: {n}" for reason, n in sorted(entry["dropped"].items())) or "-"
@@ -230,7 +276,7 @@ def log_report(report: dict, total: int) -> None:
         for reason, example in entry["examples"].items():
             lines.append(f"    e.g. {example}")
     lines.append(f"mixture after weights: {total} pairs")
-    logger.info("Preference data:\n%s", "\n".join(lines))
+    return "\n".join(lines)
 
 
 def load_training_data(data_args: PreferenceDataArguments, processing_class, training_args):
