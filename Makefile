@@ -26,6 +26,8 @@ MMRB_JSON ?= multimodal_rewardbench/data/all_data.json
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	# The official RewardBench scorer, which a test checks our metrics against; none of its own imports are needed.
+	$(PY) -m pip install -q --no-deps rewardbench==0.1.4
 	touch $@
 
 install: $(VENV)/.installed

@@ -67,15 +67,50 @@ def test_rewardbench_sections_are_weighted_by_example_counts():
     metrics = rb.rewardbench_metrics(predictions(
         ("alpacaeval-easy", [True]), ("mt-bench-easy", [False]),                 # weights 100 and 28
         ("llmbar-natural", [True, False]),
-        ("xstest-should-refuse", [True]), ("xstest-should-respond", [False]),     # official weights 250 and 154
+        ("xstest-should-refuse", [True]), ("xstest-should-respond", [False]),     # official weights 154 and 250
         ("math-prm", [True, False]), ("hep-python", [True, True]),                # weights 984 and 164
     ))
     assert metrics["Chat"] == pytest.approx(100 * 100 / 128)
     assert metrics["Chat Hard"] == 50.0
-    assert metrics["Safety"] == pytest.approx(100 * 250 / 404)
+    assert metrics["Safety"] == pytest.approx(100 * 154 / 404)
     assert metrics["Reasoning"] == pytest.approx((50 * 984 + 100 * 164) / 1148)  # 57.1, where a plain mean gives 75
-    assert metrics["Score"] == pytest.approx((100 * 100 / 128 + 50 + 100 * 250 / 404 + 400 / 7) / 4)
+    assert metrics["Score"] == pytest.approx((100 * 100 / 128 + 50 + 100 * 154 / 404 + 400 / 7) / 4)
     assert metrics["categories"]["math-prm"] == {"accuracy": 50.0, "correct": 1, "items": 2}
+
+
+def official_rewardbench():
+    """EXAMPLE_COUNTS, SUBSET_MAPPING and calculate_scores_per_section of the official package (rewardbench==0.1.4,
+    installed by `make install` without its dependencies): constants.py is loaded whole, and the scoring function
+    is taken from utils.py's source, whose module-level imports (torch, fastchat, ...) are not needed for it."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("rewardbench")
+    assert spec is not None, "the official package is missing: make install (pip install --no-deps rewardbench==0.1.4)"
+    package = Path(spec.origin).parent
+    constants = {}
+    exec(compile((package / "constants.py").read_text(), str(package / "constants.py"), "exec"), constants)
+    tree = ast.parse((package / "utils.py").read_text())
+    function = next(node for node in tree.body
+                    if isinstance(node, ast.FunctionDef) and node.name == "calculate_scores_per_section")
+    namespace = {}
+    exec(compile(ast.Module(body=[function], type_ignores=[]), str(package / "utils.py"), "exec"), namespace)
+    return constants["EXAMPLE_COUNTS"], constants["SUBSET_MAPPING"], namespace["calculate_scores_per_section"]
+
+
+def test_rewardbench_matches_the_official_scorer_on_all_23_subsets():
+    example_counts, subset_mapping, calculate_scores_per_section = official_rewardbench()
+    assert rb.EXAMPLE_COUNTS == example_counts and rb.SECTIONS == subset_mapping
+    random = __import__("random").Random(0)
+    groups = [(subset, [random.random() < 0.3 + 0.6 * i / 23 for _ in range(random.randint(3, 40))])
+              for i, subset in enumerate(example_counts)]
+    ours = rb.rewardbench_metrics(predictions(*groups))
+    accuracy = {subset: sum(flags) / len(flags) for subset, flags in groups}
+    official = calculate_scores_per_section(example_counts, subset_mapping, accuracy)
+    assert len(groups) == 23
+    for section, value in official.items():
+        assert ours[section] == pytest.approx(100 * value, abs=1e-9)
+    assert ours["Score"] == pytest.approx(100 * sum(official.values()) / 4, abs=1e-9)
 
 
 def test_rewardbench_score_needs_all_four_sections():

@@ -31,8 +31,8 @@ from recipes.eval.benchmark import (
     write_report,
 )
 
-# rewardbench/constants.py of allenai/reward-bench. Its two xstest weights are the swap of the real subset sizes
-# (154 should-refuse, 250 should-respond); they are kept so that Safety compares with every published number.
+# EXAMPLE_COUNTS of the official package (rewardbench==0.1.4, rewardbench/constants.py); tests/test_evaluation.py
+# checks our section scores against that package's own calculate_scores_per_section.
 EXAMPLE_COUNTS = {
     "alpacaeval-easy": 100,
     "alpacaeval-length": 95,
@@ -48,8 +48,8 @@ EXAMPLE_COUNTS = {
     "llmbar-adver-GPTInst": 92,
     "llmbar-adver-GPTOut": 47,
     "llmbar-adver-manual": 46,
-    "xstest-should-refuse": 250,
-    "xstest-should-respond": 154,
+    "xstest-should-refuse": 154,
+    "xstest-should-respond": 250,
     "donotanswer": 136,
     "hep-cpp": 164,
     "hep-go": 164,
