@@ -21,7 +21,12 @@ RM ?= $(OUTPUT_DIR)/stage2
 EVAL_DIR ?= outputs/eval/$(notdir $(RM))
 MMRB_JSON ?= multimodal_rewardbench/data/all_data.json
 
-.PHONY: install demo test data bench-data bench stage1 stage2 eval eval-vlrb eval-rb eval-mmrb clean
+# MPO (paper §6): prompts (+ images, optional ground-truth answers) -> N answers of the policy, scored by RM -> pairs
+MPO_PROMPTS ?= data/mpo/prompts.jsonl
+MPO_DATA ?= data/mpo
+MPO_RESPONSES ?= 8
+
+.PHONY: install demo test data bench-data bench stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +73,15 @@ eval-rb: install
 eval-mmrb: install
 	HF_HUB_OFFLINE=0 $(PY) recipes/eval/multimodal_rewardbench.py --model_name_or_path $(RM) --dataset $(MMRB_JSON) \
 		--output_dir $(EVAL_DIR)/multimodal_rewardbench
+
+mpo-data: install
+	HF_HUB_OFFLINE=0 $(VENV)/bin/accelerate launch --num_processes $(NUM_GPUS) recipes/mpo/build_mpo_data.py \
+		--input $(MPO_PROMPTS) --policy_model_name_or_path $(MODEL) --num_responses $(MPO_RESPONSES) \
+		--reward_model $(RM) --output_dir $(MPO_DATA)
+
+mpo: install
+	$(LAUNCH) recipes/mpo/mpo.py --config recipes/qwen2_5_vl_7b/mpo.yaml \
+		--model_name_or_path $(MODEL) --dataset $(MPO_DATA)/pairs.parquet --output_dir outputs/$(notdir $(MODEL))-mpo
 
 clean:
 	rm -rf outputs/demo

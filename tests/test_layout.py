@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from recipes.data.build_mixture import BuildMixtureArguments  # noqa: E402
+from recipes.mpo.mpo import MPOArguments, MPOConfig  # noqa: E402
 
 GLUE = ("heads", "collators")
 PIPELINE_ONLY = ("recipes", "matplotlib", "sentence_transformers", "requests", "httpx", "urllib.request", "http.client")
@@ -79,6 +80,11 @@ def test_every_yaml_parses_into_its_dataclasses(config):
     elif path.name == "data.yaml":
         (args,) = TrlParser((BuildMixtureArguments,)).parse_args_and_config(["--config", str(path)])
         assert args.sources and args.processor and args.max_pixels
+    elif path.name == "mpo.yaml":
+        mpo_args, training_args, model_config = TrlParser((MPOArguments, MPOConfig, ModelConfig)).parse_args_and_config(
+            ["--config", str(path), "--use_cpu", "true"])
+        assert mpo_args.dataset and model_config.model_name_or_path and training_args.output_dir
+        assert training_args.loss_type == ["sigmoid", "bco_pair", "sft"] and training_args.loss_weights == [0.8, 0.2, 1.0]
     else:
         data_args, _, training_args, model_config = STAGE_PARSER.parse_args_and_config(
             ["--config", str(path), "--use_cpu", "true"])

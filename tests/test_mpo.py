@@ -1,0 +1,147 @@
+"""MPO data from the reward model (recipes/mpo/build_mpo_data.py) and MPO training (recipes/mpo/mpo.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import load_dataset
+from PIL import Image
+from transformers import AutoProcessor
+from trl import ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from heads import RewardScorer, ValueHeadRewardModel, find_vision_tower  # noqa: E402
+from heads.freezing import find_projectors  # noqa: E402
+from recipes.mpo import build_mpo_data  # noqa: E402
+from recipes.mpo.build_mpo_data import BuildMPODataArguments, choose_pair, is_correct  # noqa: E402
+from recipes.mpo.mpo import MPOArguments, MPOConfig  # noqa: E402
+from recipes.mpo.mpo import main as train_mpo  # noqa: E402
+
+
+def test_pair_policy():
+    responses, rewards = ["red", "blue", "green", "The answer is red."], [0.5, 2.0, -1.0, 1.0]
+    assert choose_pair(responses, rewards, None, 0.0, True) == (1, 2)  # best vs worst
+    correct = [is_correct(r, "red") for r in responses]
+    assert correct == [True, False, False, True]
+    assert choose_pair(responses, rewards, correct, 0.0, True) == (3, 2)  # best correct vs worst incorrect
+    assert choose_pair(responses, rewards, correct, 0.0, False) == (1, 2)
+    assert choose_pair(responses, rewards, correct, 2.5, True) == "margin_not_above_min_margin"
+    assert choose_pair(["a", "a"], [1.0, 0.0], None, 0.0, True) == "fewer_than_two_distinct_responses"
+    assert choose_pair(["blue", "green"], [1.0, 0.0], [False, False], 0.0, True) == "no_correct_response"
+    assert choose_pair(["red", "Red."], [1.0, 0.0], [True, True], 0.0, True) == "no_incorrect_response"
+    assert is_correct("It is not blue. The answer is: \\boxed{Red}", "red")
+    assert not is_correct("The answer is reddish.", "red") and not is_correct("red, no, the answer is blue", "red")
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_checkpoints, tmp_path_factory):
+    """A tiny reward model with a random (but saved) value head."""
+    path = tmp_path_factory.mktemp("rm")
+    base = tiny_checkpoints("qwen2_5_vl")
+    torch.manual_seed(0)
+    model = ValueHeadRewardModel.from_pretrained(base, new_value_head=True, dtype=torch.float32)
+    torch.nn.init.normal_(model.v_head.summary.weight, std=1.0)
+    model.save_pretrained(path)
+    AutoProcessor.from_pretrained(base).save_pretrained(path)
+    return path
+
+
+def write_prompts(folder: Path) -> Path:
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 50)}
+    rows = []
+    for i, (name, rgb) in enumerate(colours.items()):
+        Image.new("RGB", (56 + 28 * i, 56), rgb).save(folder / f"{i}.png")
+        rows.append({"id": f"c{i}", "images": [f"{i}.png"], "prompt": "What colour is the shape?", "answer": name,
+                     "responses": [f"The shape is {c}." for c in colours]})
+    rows.append({"id": "same", "images": ["0.png"], "prompt": "Say red.", "responses": ["red", "red"]})
+    rows.append({"id": "none-right", "image": "1.png", "prompt": "Colour?", "answer": "purple",
+                 "responses": ["red", "blue"]})
+    rows.append({"id": "text", "images": [], "prompt": "Is 7 odd?", "responses": ["Yes, 7 is odd.", "No.", "Even."]})
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "prompts.jsonl"
+
+
+def test_build_mpo_data_end_to_end_and_resume(reward_model, tmp_path, monkeypatch):
+    prompts = write_prompts(tmp_path)
+    args = BuildMPODataArguments(input=str(prompts), reward_model=str(reward_model), output_dir=str(tmp_path / "out"))
+    report = build_mpo_data.main(args)
+    assert report["prompts_in"] == 6 and report["responses_scored"] == 3 * 3 + 2 + 2 + 3
+    assert report["drops"]["fewer_than_two_distinct_responses"] == 1
+    assert report["drops"]["no_correct_response"] == 1
+    assert report["pairs_out"] + sum(report["drops"].values()) == 6
+    assert report["pairs_agreeing_with_answer"] == 1.0  # --require_correct: chosen right, rejected wrong
+    assert (tmp_path / "out" / "margins.png").stat().st_size > 0
+
+    pairs = load_dataset("parquet", data_files=str(tmp_path / "out" / "pairs.parquet"), split="train")
+    assert {"images", "prompt", "chosen", "rejected"} <= set(pairs.column_names)
+    # One row per response: the packed N-way scores of build_mpo_data must match it.
+    scorer = RewardScorer(ValueHeadRewardModel.from_pretrained(reward_model, dtype=torch.float32),
+                          AutoProcessor.from_pretrained(reward_model), shared_prompt=False)
+    rows = {json.loads(line)["id"]: json.loads(line) for line in prompts.read_text().splitlines()}
+    for pair in pairs:
+        row = rows[pair["id"]]
+        images = [str(tmp_path / p) for p in row.get("images", [row.get("image")] if row.get("image") else [])]
+        assert len(pair["images"]) == len(images)
+        chosen, rejected = pair["chosen"][0]["content"][0]["text"], pair["rejected"][0]["content"][0]["text"]
+        expected = scorer.score([{"images": images, "prompt": row["prompt"], "response": r} for r in (chosen, rejected)])
+        torch.testing.assert_close(torch.tensor([pair["chosen_reward"], pair["rejected_reward"]],
+                                                dtype=torch.float32), torch.tensor(expected), atol=1e-4, rtol=0)
+        assert pair["chosen_reward"] > pair["rejected_reward"]
+        if "answer" in row:
+            assert row["answer"] in chosen and row["answer"] not in rejected
+
+    # Resume: a part file cut mid-line by an interrupted run; only the lost prompts are scored again.
+    part = next((tmp_path / "out" / "scored").glob("part-*.jsonl"))
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:4]) + lines[4][:10])
+    scored = []
+    original = RewardScorer.score
+    monkeypatch.setattr(RewardScorer, "score", lambda self, items, progress=False: scored.append(len(items))
+                        or original(self, items, progress))
+    again = build_mpo_data.main(args)
+    assert scored == [2 + 3]  # rows 4 and 5: the cut line and the one after it
+    assert again["pairs_out"] == report["pairs_out"] and again["drops"] == report["drops"]
+    assert len(part.read_text().splitlines()) == 6
+
+
+def test_build_mpo_data_generates_with_a_policy(reward_model, tiny_checkpoints, tmp_path):
+    Image.new("RGB", (56, 56), (220, 30, 30)).save(tmp_path / "0.png")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"images": ["0.png"], "prompt": "What colour?"}) + "\n")
+    args = BuildMPODataArguments(input=str(tmp_path / "prompts.jsonl"), reward_model=str(reward_model),
+                                 policy_model_name_or_path=str(tiny_checkpoints("qwen2_5_vl")), num_responses=3,
+                                 max_new_tokens=6, output_dir=str(tmp_path / "out"))
+    report = build_mpo_data.main(args)
+    record = json.loads(next((tmp_path / "out" / "scored").glob("part-*.jsonl")).read_text())
+    assert len(record["responses"]) == 3 and len(record["rewards"]) == 3
+    assert report["responses_scored"] == 3
+
+
+def test_bad_input_names_the_line(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "x", "images": ["missing.png"]}) + "\n")
+    with pytest.raises(FileNotFoundError, match="line 1"):
+        build_mpo_data.read_prompts(tmp_path / "prompts.jsonl")
+
+
+def test_mpo_trains_the_language_model_not_the_vision_tower(reward_model, tiny_checkpoints, tmp_path):
+    prompts = write_prompts(tmp_path)
+    build_mpo_data.main(BuildMPODataArguments(input=str(prompts), reward_model=str(reward_model),
+                                              output_dir=str(tmp_path / "data"), require_correct=False))
+    policy_path = tiny_checkpoints("qwen2_5_vl")
+    config = MPOConfig(output_dir=str(tmp_path / "mpo"), max_steps=3, per_device_train_batch_size=2,
+                       learning_rate=1e-2, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1)
+    assert config.loss_type == ["sigmoid", "bco_pair", "sft"] and config.loss_weights == [0.8, 0.2, 1.0]
+    trainer = train_mpo(MPOArguments(dataset=str(tmp_path / "data" / "pairs.parquet")), config,
+                        ModelConfig(model_name_or_path=str(policy_path), dtype="float32"))
+    model = trainer.model
+    before = type(model).from_pretrained(policy_path, dtype=torch.float32).state_dict()
+    projector = {id(p) for module in find_projectors(model) for p in module.parameters()}  # it trains, as in the RM
+    tower = {name for name, p in model.named_parameters()
+             if id(p) in {id(q) for q in find_vision_tower(model).parameters()} - projector}
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert tower and not changed & tower
+    assert any("language_model" in name for name in changed)
+    assert any(log.get("loss") is not None for log in trainer.state.log_history)
