@@ -17,7 +17,8 @@ ACCELERATE_CONFIG ?= recipes/accelerate_configs/zero2.yaml
 LAUNCH = HF_HUB_OFFLINE=0 $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NUM_GPUS)
 
 # Evaluation: any reward model directory or hub id
-RM ?= $(OUTPUT_DIR)/stage2
+# `=`, not `?=`: make predefines RM (as "rm -f"), so `?=` never took effect
+RM = $(OUTPUT_DIR)/stage2
 EVAL_DIR ?= outputs/eval/$(notdir $(RM))
 MMRB_JSON ?= multimodal_rewardbench/data/all_data.json
 
