@@ -44,7 +44,22 @@ class RewardScorer:
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         model = ValueHeadRewardModel.from_pretrained(path, **kwargs).to(device)
-        return cls(model, AutoProcessor.from_pretrained(path), batch_size, min_pixels, max_pixels)
+        scorer = cls(model, AutoProcessor.from_pretrained(path), batch_size, min_pixels, max_pixels)
+        scorer.source = str(path)
+        return scorer
+
+    def provenance(self) -> dict:
+        """What produces these scores: the model (where it was loaded from, a fingerprint of its weights and value
+        head) and every setting that changes a score. Saved beside predictions, so none is reused for another."""
+        config = self.model.config.get_text_config()
+        return {
+            "model": getattr(self, "source", None),
+            "weights_fingerprint": weights_fingerprint(self.model),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "attn_implementation": config._attn_implementation,
+            "min_pixels": self.renderer.min_pixels,
+            "max_pixels": self.renderer.max_pixels,
+        }
 
     @torch.no_grad()
     def score(self, items: list[dict], progress: bool = False) -> list[float]:
@@ -130,3 +145,15 @@ def _image_key(image) -> str:
     if hasattr(image, "tobytes"):  # a PIL image
         return f"pil:{image.mode}:{image.size}:" + hashlib.sha1(image.tobytes()).hexdigest()
     return f"path:{image}"
+
+
+def weights_fingerprint(model: torch.nn.Module, samples: int = 4096) -> str:
+    """sha256 of every tensor's name, shape, dtype and `samples` values strided across it (the value head whole):
+    any two trained models differ in it, and it costs well under a second even for 7B weights on a GPU."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)][:samples].float().cpu().numpy()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
 
+from .lora import ADAPTER_DIR, is_lora, merged_base_state, unwrap_lora
 from .packing import shared_prompt_rewards
 from .sharding import vision_tower_must_run, zero_vision_term
 
@@ -151,7 +153,7 @@ class ValueHeadRewardModel(nn.Module):
     @property
     def backbone(self) -> nn.Module:
         """The model without its lm_head: last_hidden_state out, no vocabulary logits."""
-        return self.pretrained_model.base_model
+        return unwrap_lora(self.pretrained_model).base_model
 
     def forward(self, input_ids=None, attention_mask=None, margin=None, use_cache=False, **model_inputs) -> RewardOutput:
         # `margin` belongs to the loss; TRL's RewardTrainer.compute_loss passes the whole batch here.
@@ -176,15 +178,25 @@ class ValueHeadRewardModel(nn.Module):
         state_dict = state_dict if state_dict is not None else self.state_dict()
         base_state = {k.removeprefix("pretrained_model."): v for k, v in state_dict.items() if k.startswith("pretrained_model.")}
         head_state = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items() if k.startswith("v_head.")}
-        self.pretrained_model.save_pretrained(save_directory, state_dict=base_state, **kwargs)
+        base_model = self.pretrained_model
+        if is_lora(base_model):  # the release layout gets the adapters merged in; adapter/ keeps them apart
+            adapter_dir = Path(save_directory) / ADAPTER_DIR
+            base_model.save_pretrained(adapter_dir, state_dict=base_state)
+            save_file(head_state, str(adapter_dir / VALUE_HEAD_FILE), metadata={"format": "pt"})
+            base_state, base_model = merged_base_state(base_model, base_state), base_model.get_base_model()
+        base_model.save_pretrained(save_directory, state_dict=base_state, **kwargs)
         save_file(head_state, str(Path(save_directory) / VALUE_HEAD_FILE), metadata={"format": "pt"})
 
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike):
         """Restores weights saved by `save_pretrained` into this (already built) model, e.g. to resume."""
-        # Through from_pretrained, not the raw shards: some families save legacy key names (Qwen2.5-VL's
-        # `visual.*`) that only transformers' loading maps back onto the module's own names.
-        base = type(self.pretrained_model).from_pretrained(checkpoint_dir, dtype=self.pretrained_model.dtype)
-        self.pretrained_model.load_state_dict(base.state_dict())
+        if is_lora(self.pretrained_model):  # LoRA leaves the base weights as they were: restore the adapter
+            adapter_file = Path(checkpoint_dir) / ADAPTER_DIR / "adapter_model.safetensors"
+            set_peft_model_state_dict(self.pretrained_model, load_file(str(adapter_file)))
+        else:
+            # Through from_pretrained, not the raw shards: some families save legacy key names (Qwen2.5-VL's
+            # `visual.*`) that only transformers' loading maps back onto the module's own names.
+            base = type(self.pretrained_model).from_pretrained(checkpoint_dir, dtype=self.pretrained_model.dtype)
+            self.pretrained_model.load_state_dict(base.state_dict())
         self.v_head.load_state_dict(load_value_head_state(str(Path(checkpoint_dir) / VALUE_HEAD_FILE)))
 
     # Delegates the Trainer relies on.

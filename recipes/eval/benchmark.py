@@ -4,8 +4,10 @@ A benchmark item is a pair: a prompt (with its images) and two responses, one pr
 Both responses are scored by `RewardScorer` (the forward pass of training); the item is correct when
 score(preferred) > score(other), strictly: a tie is wrong.
 
-Files written to --output_dir (use one directory per model: a rerun resumes from the predictions there):
+Files written to --output_dir (use one directory per model: a rerun resumes from the predictions there, and
+refuses predictions that another model or other settings produced):
     predictions.jsonl   one line per item: row, id, category, scores (response 0, response 1), preferred, correct
+    predictions.provenance.json   the model, a fingerprint of its weights, dtype, attention and pixel budget
     metrics.json        the benchmark's metrics, in percent
     results.md          our row beside the published rows, and the accuracy of each category
     margins.png         distribution of score(preferred) - score(other) per category
@@ -18,14 +20,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict, Image
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from collators import PixelBudgetArguments
 from collators.preference_data import load_source
-
 from heads import RewardScorer
+from recipes.eval.resumable import part_files, provenance_file, read_records, score_resumably, unique_records
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,10 @@ class EvaluationArguments(ScorerArguments):
     recompute: bool = field(
         default=False, metadata={"help": "Recompute the metrics from output_dir/predictions.jsonl; loads no model."},
     )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Discard predictions in output_dir that another model or other settings "
+                                 "produced (without it such a rerun stops and says so)."},
+    )
 
     def __post_init__(self):
         if not self.recompute and not self.model_name_or_path:  # fail before a benchmark download, not after
@@ -66,8 +72,9 @@ class EvaluationArguments(ScorerArguments):
 def load_scorer(args: ScorerArguments) -> RewardScorer:
     if not args.model_name_or_path:
         raise ValueError("--model_name_or_path is required: a trained reward model (directory or hub id)")
-    return RewardScorer.from_pretrained(
-        args.model_name_or_path, dtype=args.dtype, attn_implementation=args.attn_implementation,
+    return RewardScorer.from_pretrained(  # each process of a launch on its own device
+        args.model_name_or_path, device=str(PartialState().device), dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
         batch_size=args.batch_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
     )
 
@@ -112,77 +119,62 @@ def resolve_image(image, base_dir: str | None, where: str):
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """The lines of a predictions file. A last line cut short by an interrupted run is left out (and rescored)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines(keepends=True)
-    predictions = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            predictions.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines) and not line.endswith("\n"):
-                logger.warning("%s: line %d was cut short by an interrupted run; it will be scored again", path, number)
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error}); delete it or the file") from error
-    return predictions
+    return read_records(path)
 
 
-def score_pairs(scorer, pairs: Iterable[dict], output_dir: str | os.PathLike, total: int | None = None) -> list[dict]:
+def score_benchmark(args: EvaluationArguments, pairs: Iterable[dict]) -> list[dict]:
+    """The evaluators' scoring: the reward model of `args` on every pair, resumable, across all processes."""
+    scorer = load_scorer(args)
+    return score_pairs(scorer, pairs, args.output_dir, provenance=scorer.provenance(), overwrite=args.overwrite)
+
+
+def recomputed_predictions(output_dir: str | os.PathLike) -> list[dict]:
+    """--recompute: each row once (the last line written for it) whatever the file's history, in row order."""
+    return unique_records(Path(output_dir) / PREDICTIONS_FILE, "row")
+
+
+def score_pairs(scorer, pairs: Iterable[dict], output_dir: str | os.PathLike, total: int | None = None,
+                provenance: dict | None = None, overwrite: bool = False) -> list[dict]:
     """Scores both responses of every pair and appends one prediction per pair to output_dir/predictions.jsonl.
 
     A pair is a dict: row (its index in the benchmark), id, category, images, prompt, responses (two), preferred
-    (0 or 1). Pairs already in the file (same row and id) are not scored again, so an interrupted run resumes.
+    (0 or 1). Pairs already in the file (same row and id, same `provenance`) are not scored again, so an
+    interrupted run resumes; the pairs are shared out across processes (recipes/eval/resumable.py).
     Returns the predictions of `pairs`, in their order.
     """
     path = Path(output_dir) / PREDICTIONS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done = {prediction["row"]: prediction for prediction in read_predictions(path)}
-    # Rewritten from the parsed lines, so that new lines never follow a cut one.
-    path.write_text("".join(json.dumps(prediction) + "\n" for prediction in done.values()))
-    if done:
-        logger.info("Resuming: %d items already scored in %s", len(done), path)
-
-    rows, pending = [], []
-    with path.open("a") as file, tqdm(total=total, desc="Scoring pairs") as progress:
+    pairs = list(pairs)
+    if not overwrite:
+        done = {p["row"]: p for file in [path, *part_files(path)] for p in read_records(file)}
         for pair in pairs:
-            rows.append(pair["row"])
             previous = done.get(pair["row"])
-            if previous is None:
-                pending.append(pair)
-            elif previous["id"] != pair["id"]:
+            if previous is not None and previous["id"] != pair["id"]:
                 raise ValueError(
                     f"{path}: row {pair['row']} was scored for id {previous['id']!r} but the benchmark has "
                     f"{pair['id']!r} there; these predictions come from another dataset: use another --output_dir"
                 )
-            else:
-                progress.update()
-            if len(pending) == PAIRS_PER_WRITE:
-                done.update(_score_and_write(scorer, pending, file, progress))
-                pending = []
-        done.update(_score_and_write(scorer, pending, file, progress))
-    return [done[row] for row in rows]
+    done = score_resumably(path, "row", [(pair["row"], pair) for pair in pairs],
+                           lambda chunk: _score(scorer, chunk), provenance=provenance, overwrite=overwrite,
+                           per_write=PAIRS_PER_WRITE, desc="Scoring pairs")
+    return [done[pair["row"]] for pair in pairs]
 
 
-def _score_and_write(scorer, pairs: list[dict], file, progress) -> dict[int, dict]:
+def _score(scorer, pairs: list[dict]) -> list[dict]:
     items = [{"images": pair["images"], "prompt": pair["prompt"], "response": response}
              for pair in pairs for response in pair["responses"]]
     scores = scorer.score(items)
-    predictions = {}
+    predictions = []
     for index, pair in enumerate(pairs):
         pair_scores = scores[2 * index: 2 * index + 2]
         preferred = pair["preferred"]
-        predictions[pair["row"]] = {
+        predictions.append({
             "row": pair["row"],
             "id": pair["id"],
             "category": pair["category"],
             "scores": pair_scores,
             "preferred": preferred,
             "correct": pair_scores[preferred] > pair_scores[1 - preferred],
-        }
-    file.writelines(json.dumps(prediction) + "\n" for prediction in predictions.values())
-    file.flush()
-    progress.update(len(pairs))
+        })
     return predictions
 
 
@@ -226,11 +218,15 @@ def write_report(
     output_dir = Path(output_dir)
     if not predictions:
         raise ValueError(f"{benchmark}: no predictions in {output_dir / PREDICTIONS_FILE}; score without --recompute")
+    if not PartialState().is_main_process:
+        return ""
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = output_dir / METRICS_FILE
-    if model is None and metrics_file.is_file():  # --recompute keeps the model named by the scoring run
-        model = json.loads(metrics_file.read_text()).get("model")
-    summary = {"benchmark": benchmark, "model": model, "items": len(predictions), **metrics}
+    record = provenance_file(output_dir / PREDICTIONS_FILE)
+    scoring = json.loads(record.read_text()) if record.is_file() else None  # what produced the predictions
+    if model is None:  # --recompute names the model that scored, never another
+        model = (scoring or {}).get("model")
+    summary = {"benchmark": benchmark, "model": model, "items": len(predictions), **metrics, "scoring": scoring}
     metrics_file.write_text(json.dumps(summary, indent=2) + "\n")
 
     model_name = Path(model).name if model else "this run"

@@ -27,14 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from trl import TrlParser
 
 from recipes.eval.benchmark import (
-    PREDICTIONS_FILE,
     EvaluationArguments,
     accuracy,
     accuracy_by_category,
-    load_scorer,
-    read_predictions,
+    recomputed_predictions,
     resolve_image,
-    score_pairs,
+    score_benchmark,
     write_report,
 )
 
@@ -128,16 +126,17 @@ def multimodal_rewardbench_pair(row: dict, index: int, data_dir: str, source: st
 
 def main(args: MultimodalRewardBenchArguments) -> dict:
     if args.recompute:
-        predictions = read_predictions(Path(args.output_dir) / PREDICTIONS_FILE)
+        predictions = recomputed_predictions(args.output_dir)
     else:
         rows = load_multimodal_rewardbench(args.dataset, args.max_samples)
         data_dir = str(Path(args.dataset).parent)
         pairs = (multimodal_rewardbench_pair(row, index, data_dir, args.dataset) for index, row in enumerate(rows))
-        predictions = score_pairs(load_scorer(args), pairs, args.output_dir, total=len(rows))
+        predictions = score_benchmark(args, pairs)
     metrics = multimodal_rewardbench_metrics(predictions)
     report = write_report(args.output_dir, "Multimodal RewardBench", metrics, COLUMNS, PUBLISHED, predictions,
                           args.model_name_or_path, NOTES)
-    print(report)
+    if report:  # the main process writes the reports
+        print(report)
     return metrics
 
 

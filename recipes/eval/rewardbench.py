@@ -21,13 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from trl import TrlParser
 
 from recipes.eval.benchmark import (
-    PREDICTIONS_FILE,
     EvaluationArguments,
     accuracy_by_category,
     load_benchmark,
-    load_scorer,
-    read_predictions,
-    score_pairs,
+    recomputed_predictions,
+    score_benchmark,
     write_report,
 )
 
@@ -119,16 +117,17 @@ def rewardbench_pair(row: dict, index: int) -> dict:
 
 def main(args: RewardBenchArguments) -> dict:
     if args.recompute:
-        predictions = read_predictions(Path(args.output_dir) / PREDICTIONS_FILE)
+        predictions = recomputed_predictions(args.output_dir)
     else:
         columns = ("id", "prompt", "chosen", "rejected", "subset")
         dataset, _ = load_benchmark(args.dataset, args.split, columns, args.max_samples)
         pairs = (rewardbench_pair(row, index) for index, row in enumerate(dataset))
-        predictions = score_pairs(load_scorer(args), pairs, args.output_dir, total=len(dataset))
+        predictions = score_benchmark(args, pairs)
     metrics = rewardbench_metrics(predictions)
     report = write_report(args.output_dir, "RewardBench", metrics, COLUMNS, PUBLISHED, predictions,
                           args.model_name_or_path, NOTES)
-    print(report)
+    if report:  # the main process writes the reports
+        print(report)
     return metrics
 
 

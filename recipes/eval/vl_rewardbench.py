@@ -24,15 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from trl import TrlParser
 
 from recipes.eval.benchmark import (
-    PREDICTIONS_FILE,
     EvaluationArguments,
     accuracy,
     accuracy_by_category,
     load_benchmark,
-    load_scorer,
-    read_predictions,
+    recomputed_predictions,
     resolve_image,
-    score_pairs,
+    score_benchmark,
     write_report,
 )
 
@@ -117,16 +115,17 @@ def vl_rewardbench_pair(row: dict, index: int, base_dir: str | None, source: str
 
 def main(args: VLRewardBenchArguments) -> dict:
     if args.recompute:
-        predictions = read_predictions(Path(args.output_dir) / PREDICTIONS_FILE)
+        predictions = recomputed_predictions(args.output_dir)
     else:
         columns = ("id", "query", "response", "image", "human_ranking")
         dataset, base_dir = load_benchmark(args.dataset, args.split, columns, args.max_samples)
         pairs = (vl_rewardbench_pair(row, index, base_dir, args.dataset) for index, row in enumerate(dataset))
-        predictions = score_pairs(load_scorer(args), pairs, args.output_dir, total=len(dataset))
+        predictions = score_benchmark(args, pairs)
     metrics = vl_rewardbench_metrics(predictions)
     report = write_report(args.output_dir, "VL-RewardBench", metrics, COLUMNS, PUBLISHED, predictions,
                           args.model_name_or_path, NOTES)
-    print(report)
+    if report:  # the main process writes the reports
+        print(report)
     return metrics
 
 
