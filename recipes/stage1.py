@@ -8,6 +8,10 @@ language model and the head train. AdamW, lr 1e-5, 2 epochs, batch size 1.
         recipes/stage1.py --config recipes/qwen2_5_vl_7b/stage1.yaml
 
 Another base model is one flag: --model_name_or_path Qwen/Qwen2-VL-7B-Instruct (or any Qwen-VL / causal LM).
+LoRA on one GPU (saved with the adapters merged, and the adapter alone in adapter/; TRL's example flags):
+
+    python recipes/stage1.py --config recipes/qwen2_5_vl_7b/stage1.yaml \
+        --use_peft true --lora_r 32 --lora_alpha 16 --learning_rate 1e-4
 """
 
 import json
@@ -18,13 +22,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
 
 from transformers import AutoProcessor, set_seed
-from trl import ModelConfig, RewardConfig, TrlParser
+from trl import ModelConfig, RewardConfig, TrlParser, get_peft_config
 
 from collators import PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget
-from heads import RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, resume_checkpoint
+from heads import (
+    RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, apply_lora, check_model_config,
+    resume_checkpoint,
+)
 
 
 def main(data_args, model_args, training_args, model_config):
+    check_model_config(model_config)  # an option this recipe does not implement is an error, never ignored
     set_seed(training_args.seed)  # before the value head is built: same arguments, same weights
     processor = AutoProcessor.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision)
     set_pixel_budget(processor, data_args.min_pixels, data_args.max_pixels)  # saved with the checkpoint
@@ -38,6 +46,8 @@ def main(data_args, model_args, training_args, model_config):
         attn_implementation=model_config.attn_implementation,
     )
     apply_freezing(model, model_args)
+    if model_config.use_peft:  # LoRA on the LLM; head and projector in full; saved merged, plus adapter/
+        apply_lora(model, get_peft_config(model_config), model_args)
 
     # Data: multimodal preference pairs, checked once (bad and over-long pairs counted, never cut).
     train_dataset, eval_dataset, report = load_training_data(data_args, processor, training_args)

@@ -6,6 +6,8 @@ Vision encoder frozen as in stage 1. AdamW, lr 1e-6, 2 epochs, batch size 1.
 
     accelerate launch --config_file recipes/accelerate_configs/zero2.yaml \
         recipes/stage2.py --config recipes/qwen2_5_vl_7b/stage2.yaml
+
+A LoRA stage 1 saved a merged reward model: stage 2 starts from it as from any other, with or without --use_peft.
 """
 
 import json
@@ -16,13 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and collators/ sit beside recipes/
 
 from transformers import AutoProcessor, set_seed
-from trl import ModelConfig, RewardConfig, TrlParser
+from trl import ModelConfig, RewardConfig, TrlParser, get_peft_config
 
 from collators import PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget
-from heads import RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, resume_checkpoint
+from heads import (
+    RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, apply_lora, check_model_config,
+    resume_checkpoint,
+)
 
 
 def main(data_args, model_args, training_args, model_config):
+    check_model_config(model_config)  # an option this recipe does not implement is an error, never ignored
     if model_args.new_value_head:
         raise ValueError("stage 2 continues stage 1's reward model: drop --new_value_head and point "
                          "--model_name_or_path at stage 1's output")
@@ -38,6 +44,8 @@ def main(data_args, model_args, training_args, model_config):
         attn_implementation=model_config.attn_implementation,
     )
     apply_freezing(model, model_args)
+    if model_config.use_peft:  # LoRA on the LLM; head and projector in full; saved merged, plus adapter/
+        apply_lora(model, get_peft_config(model_config), model_args)
 
     # Data: multimodal and text-only pairs mixed by weight; a batch may hold both kinds.
     train_dataset, eval_dataset, report = load_training_data(data_args, processor, training_args)
