@@ -19,7 +19,10 @@ LAUNCH = HF_HUB_OFFLINE=0 $(VENV)/bin/accelerate launch --config_file $(ACCELERA
 # Evaluation: any reward model directory or hub id
 # `=`, not `?=`: make predefines RM (as "rm -f"), so `?=` never took effect
 RM = $(OUTPUT_DIR)/stage2
-EVAL_DIR ?= outputs/eval/$(notdir $(RM))
+# The whole path names the output, so outputs/run-a/stage2 and outputs/run-b/stage2 never share predictions.
+EVAL_DIR ?= outputs/eval/$(subst /,_,$(RM))
+# Every GPU of the machine scores a share of the rows (a process each); one CPU process without GPUs.
+EVAL_LAUNCH = $(if $(filter 0,$(NUM_GPUS)),$(PY),$(VENV)/bin/torchrun --nproc_per_node $(NUM_GPUS))
 MMRB_JSON ?= multimodal_rewardbench/data/all_data.json
 
 # MPO (paper §6): prompts (+ images, optional ground-truth answers) -> N answers of the policy, scored by RM -> pairs
@@ -27,7 +30,7 @@ MPO_PROMPTS ?= data/mpo/prompts.jsonl
 MPO_DATA ?= data/mpo
 MPO_RESPONSES ?= 8
 
-.PHONY: install demo test data bench-data bench stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
+.PHONY: gpus install demo test data bench-data bench stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -55,24 +58,30 @@ bench-data: install
 bench: install
 	$(PY) recipes/bench/training.py --config cpu --output recipes/bench/results/bench_cpu.md
 
-stage1: install
+# Training runs on GPUs: say so before accelerate or DeepSpeed fail on a machine without any.
+gpus:
+	@test "$(NUM_GPUS)" -gt 0 2>/dev/null || { echo "make stage1/stage2 train on GPUs, and nvidia-smi lists none here" \
+		"(NUM_GPUS=$(NUM_GPUS)). On a CPU, 'make demo' runs the whole pipeline with a tiny model;" \
+		"on a GPU machine, set NUM_GPUS=N if nvidia-smi is not on the PATH." >&2; exit 2; }
+
+stage1: gpus install
 	$(LAUNCH) recipes/stage1.py --config recipes/qwen2_5_vl_7b/stage1.yaml \
 		--model_name_or_path $(MODEL) --dataset_mixture $(STAGE1_DATA) --output_dir $(OUTPUT_DIR)/stage1
 
-stage2: install
+stage2: gpus install
 	$(LAUNCH) recipes/stage2.py --config recipes/qwen2_5_vl_7b/stage2.yaml \
 		--model_name_or_path $(OUTPUT_DIR)/stage1 --dataset_mixture $(STAGE2_DATA) --output_dir $(OUTPUT_DIR)/stage2
 
 eval: eval-vlrb eval-rb eval-mmrb
 
 eval-vlrb: install
-	HF_HUB_OFFLINE=0 $(PY) recipes/eval/vl_rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/vl_rewardbench
+	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/vl_rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/vl_rewardbench
 
 eval-rb: install
-	HF_HUB_OFFLINE=0 $(PY) recipes/eval/rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/rewardbench
+	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/rewardbench
 
 eval-mmrb: install
-	HF_HUB_OFFLINE=0 $(PY) recipes/eval/multimodal_rewardbench.py --model_name_or_path $(RM) --dataset $(MMRB_JSON) \
+	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/multimodal_rewardbench.py --model_name_or_path $(RM) --dataset $(MMRB_JSON) \
 		--output_dir $(EVAL_DIR)/multimodal_rewardbench
 
 mpo-data: install
