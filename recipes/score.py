@@ -6,28 +6,40 @@ Input, one JSON object per line:
     response    one response (string or assistant messages)  -> the output line adds `score`
     responses   a list of candidates                          -> adds `scores`, `best_index` and `best`
 Output: the input lines, in order, with those fields added. Rewards come from the forward pass of training
-(`RewardScorer`), in batches of similar length; bf16 on GPU.
+(`RewardScorer`), in batches of similar length; bf16 on GPU; the pixel budget the model was trained with. Scores
+are kept as they are made (in <output>.progress.jsonl): an interrupted run, or one stopped by a bad line, resumes
+when rerun. Under `torchrun --nproc_per_node N` (or `accelerate launch`) every process scores a share of the lines.
 
     python recipes/score.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
         --input candidates.jsonl --output scored.jsonl --batch_size 8
 """
 
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: heads/, collators/, recipes/
 
+from accelerate import PartialState
 from trl import TrlParser
 
+from collators import open_image
 from recipes.eval.benchmark import ScorerArguments, load_scorer, resolve_image
+from recipes.eval.resumable import provenance_file, score_resumably
+
+logger = logging.getLogger(__name__)
+LINES_PER_WRITE = 32  # an interruption loses at most this many scored lines
 
 
 @dataclass(kw_only=True)
 class ScoreFileArguments(ScorerArguments):
     input: str = field(metadata={"help": "jsonl: image(s), prompt and response or responses per line."})
     output: str = field(metadata={"help": "jsonl: the input lines with score, or scores / best_index / best."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Discard the progress of an interrupted run that another model or other settings made."})
 
 
 def line_images(line: dict, base_dir: str, where: str) -> list:
@@ -59,33 +71,69 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return lines
 
 
+def check_images(work: dict) -> None:
+    """Decodes a line's images before it is scored, so that a bad one is named by its line."""
+    for image in work["images"]:
+        try:
+            open_image(image).load()
+        except Exception as error:  # PIL raises several types for undecodable data
+            raise ValueError(f"{work['where']}: image {image if isinstance(image, str) else 'bytes'} cannot be "
+                             f"decoded ({type(error).__name__}: {error}); fix or remove the line, then rerun: "
+                             "the lines scored so far are kept") from error
+
+
+def score_lines(scorer, works: list[dict]) -> list[dict]:
+    for work in works:
+        check_images(work)
+    items = [{"images": work["images"], "prompt": work["prompt"], "response": response}
+             for work in works for response in work["responses"]]
+    scores, records, start = scorer.score(items), [], 0
+    for work in works:
+        records.append({"line": work["line"], "scores": scores[start:start + len(work["responses"])]})
+        start += len(work["responses"])
+    return records
+
+
 def main(args: ScoreFileArguments) -> list[dict]:
     input_file = Path(args.input)
     numbered = read_jsonl(input_file)
-    lines = [line for _, line in numbered]
-    items, spans = [], []
+    works = []
     for number, line in numbered:
         where = f"{args.input} line {number}"
         if "prompt" not in line:
             raise ValueError(f"{where}: missing `prompt`")
-        images = line_images(line, str(input_file.parent), where)
-        responses = line_responses(line, where)
-        spans.append((len(items), len(responses)))
-        items += [{"images": images, "prompt": line["prompt"], "response": response} for response in responses]
-
-    scores = load_scorer(args).score(items, progress=True)
-
-    for line, (start, count) in zip(lines, spans):
-        line_scores = scores[start:start + count]
+        works.append({"line": number, "where": where, "images": line_images(line, str(input_file.parent), where),
+                      "prompt": line["prompt"], "responses": line_responses(line, where)})
+    output = Path(args.output)
+    if not works:
+        logger.warning("%s holds no lines to score; %s is written empty", args.input, args.output)
+    else:
+        # Scores are appended to <output>.progress.jsonl as they are made, so an interrupted run resumes.
+        scorer = load_scorer(args)
+        progress = output.parent / f"{output.stem}.progress.jsonl"
+        scored = score_resumably(progress, "line", [(work["line"], work) for work in works],
+                                 lambda chunk: score_lines(scorer, chunk), provenance=scorer.provenance(),
+                                 overwrite=args.overwrite, per_write=LINES_PER_WRITE, desc="Scoring lines")
+    lines = []
+    for number, line in numbered:
+        line_scores = scored[number]["scores"]
         if "response" in line:
             line["score"] = line_scores[0]
         else:
-            best = max(range(count), key=line_scores.__getitem__)
+            best = max(range(len(line_scores)), key=line_scores.__getitem__)
             line.update(scores=line_scores, best_index=best, best=line["responses"][best])
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        lines.append(line)
+    if PartialState().is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = output.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        os.replace(temporary, output)
+        if works:
+            progress.unlink()
+            provenance_file(progress).unlink(missing_ok=True)
     return lines
 
 
 if __name__ == "__main__":
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     main(*TrlParser((ScoreFileArguments,)).parse_args_and_config())
