@@ -215,6 +215,11 @@ class ValueHeadRewardModel(nn.Module):
         self.pretrained_model.add_model_tags(tags)
 
     @property
+    def _no_split_modules(self):
+        """The blocks FSDP's auto-wrap policy shards one by one (decoder layers, vision blocks)."""
+        return unwrap_lora(self.pretrained_model)._no_split_modules
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.pretrained_model.dtype
 
