@@ -69,6 +69,7 @@ bench-data: install
 
 bench: install
 	$(PY) recipes/bench/training.py --config cpu --output recipes/bench/results/bench_cpu.md
+	$(PY) recipes/bench/scoring.py --threads 1 --output recipes/bench/results/scoring_cpu.md
 
 # Training runs on GPUs: say so before accelerate or DeepSpeed fail on a machine without any.
 gpus:

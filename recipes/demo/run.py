@@ -5,9 +5,14 @@
 3. runs recipes/stage1.py then recipes/stage2.py with recipes/demo/stage{1,2}.yaml (the same recipes and
    trainer as the GPU run, only a tiny preset),
 4. scores held-out pairs: with their images, with the images blanked (a model that looks at the image
-   falls to chance), and text-only pairs.
+   falls to chance), and text-only pairs,
+5. MPO (paper §6): the stage-2 reward model picks chosen and rejected among candidate answers, right or wrong
+   about the image (recipes/mpo/build_mpo_data.py), and recipes/mpo/mpo.py trains a tiny policy (the same
+   random-init tiny model) on those pairs with recipes/demo/mpo.yaml; the policy's preference for right answers on
+   held-out pairs (log-probability margin accuracy) is measured before and after.
 
-Writes outputs/demo/report.json, outputs/demo/summary.md and the final checkpoint in outputs/demo/stage2.
+Writes outputs/demo/report.json, outputs/demo/summary.md, the final reward model in outputs/demo/stage2, the MPO
+pairs in outputs/demo/mpo_data and the policy in outputs/demo/mpo.
 
     python recipes/demo/run.py [recipe flags for both stages, e.g. --pack_pairs false]
 """
@@ -22,18 +27,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # heads/ and collators/
 
-from synthetic_data import blank_image, write_image_pairs, write_text_pairs  # noqa: E402
+from PIL import Image  # noqa: E402
+from synthetic_data import blank_image, write_image_pairs, write_mpo_prompts, write_text_pairs  # noqa: E402
 from tiny_model import save_tiny_model  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from heads import RewardScorer  # noqa: E402
+from recipes.mpo.evaluate import preference_accuracy  # noqa: E402
 
 OUT = ROOT / "outputs" / "demo"
 DATA = OUT / "data"
-SIZES = {"stage1": 2000, "stage2_text": 600, "heldout": 400, "text_heldout": 200}
+SIZES = {"stage1": 2000, "stage2_text": 600, "heldout": 400, "text_heldout": 200, "mpo_prompts": 1200,
+         "mpo_heldout": 400}
 
 
 def run_stage(stage: str, overrides: list[str]) -> None:
     command = [sys.executable, str(ROOT / "recipes" / f"{stage}.py"), "--config", str(ROOT / "recipes" / "demo" / f"{stage}.yaml"), *overrides]
+    print(f"\n$ {' '.join(command)}", flush=True)
+    subprocess.run(command, cwd=ROOT, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+def run_script(script: str, args: list[str]) -> None:
+    command = [sys.executable, str(ROOT / script), *args]
     print(f"\n$ {' '.join(command)}", flush=True)
     subprocess.run(command, cwd=ROOT, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
 
@@ -62,6 +77,42 @@ def evaluate(checkpoint: Path) -> dict:
             "text_accuracy": round(text, 4), "heldout_accuracy_per_task": per_task}
 
 
+def policy_preference(policy: Path, path: Path) -> dict:
+    """How often the policy gives the right answer a higher log-probability than the wrong one (held-out pairs)."""
+    rows = [json.loads(line) for line in path.open()]
+    pairs = [{"images": [Image.open(path.parent / image).convert("RGB") for image in row["images"]],
+              "prompt": [{"role": "user", "content": row["prompt"]}],
+              "chosen": [{"role": "assistant", "content": row["chosen"]}],
+              "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]
+    model = AutoModelForImageTextToText.from_pretrained(policy, dtype="float32")
+    return preference_accuracy(model, AutoProcessor.from_pretrained(policy), pairs, batch_size=32)
+
+
+def run_mpo() -> dict:
+    """The reward model builds MPO pairs from candidate answers; MPO trains the tiny policy on them."""
+    start = time.perf_counter()
+    write_mpo_prompts(DATA / "mpo_prompts.jsonl", SIZES["mpo_prompts"], seed=5)
+    write_image_pairs(DATA / "mpo_heldout.jsonl", SIZES["mpo_heldout"], seed=6)
+    # No --require_correct: the reward model alone decides, and the ground truth only measures its pairs.
+    run_script("recipes/mpo/build_mpo_data.py", [
+        "--input", str(DATA / "mpo_prompts.jsonl"), "--reward_model", str(OUT / "stage2"),
+        "--output_dir", str(OUT / "mpo_data"), "--require_correct", "false", "--batch_size", "64"])
+    data = json.loads((OUT / "mpo_data" / "report.json").read_text())
+    before = policy_preference(OUT / "tiny-qwen2_5_vl", DATA / "mpo_heldout.jsonl")
+    run_script("recipes/mpo/mpo.py", ["--config", str(ROOT / "recipes" / "demo" / "mpo.yaml"),
+                                      "--model_name_or_path", str(OUT / "tiny-qwen2_5_vl"),
+                                      "--dataset", str(OUT / "mpo_data" / "pairs.parquet"), "--output_dir", str(OUT / "mpo")])
+    after = policy_preference(OUT / "mpo", DATA / "mpo_heldout.jsonl")
+    return {"prompts": data["prompts_in"], "pairs": data["pairs_out"], "drops": data["drops"],
+            "pairs_agreeing_with_truth": data["pairs_agreeing_with_answer"],
+            "reward_model_best_of_n_correct": data["best_of_n_correct"],
+            "policy_right_answer_preferred_before": before["accuracy"],
+            "policy_right_answer_preferred_after": after["accuracy"],
+            "policy_mean_log_prob_margin_before": before["mean_margin"],
+            "policy_mean_log_prob_margin_after": after["mean_margin"],
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
 def main() -> None:
     start = time.perf_counter()
     save_tiny_model("qwen2_5_vl", OUT / "tiny-qwen2_5_vl", hidden_size=128, num_layers=4)
@@ -75,7 +126,8 @@ def main() -> None:
     stage1 = evaluate(OUT / "stage1")
     run_stage("stage2", overrides)
     report = evaluate(OUT / "stage2")
-    report.update(stage1=stage1, pairs=SIZES, seconds=round(time.perf_counter() - start, 1))
+    mpo = run_mpo()
+    report.update(stage1=stage1, mpo=mpo, pairs=SIZES, seconds=round(time.perf_counter() - start, 1))
     (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     summary = "\n".join([
@@ -88,6 +140,16 @@ def main() -> None:
         f"| text-only pairs | {stage1['text_accuracy']:.3f} | {report['text_accuracy']:.3f} |",
         "",
         f"Per task after stage 2: {report['heldout_accuracy_per_task']}",
+        "",
+        f"MPO: the stage-2 reward model built {mpo['pairs']} pairs from {mpo['prompts']} prompts with candidate "
+        f"answers; {mpo['pairs_agreeing_with_truth']:.3f} of them have a right chosen and a wrong rejected answer.",
+        "",
+        "| held-out image pairs | policy before MPO | after MPO |",
+        "| --- | --- | --- |",
+        f"| right answer more likely than wrong | {mpo['policy_right_answer_preferred_before']:.3f} | "
+        f"{mpo['policy_right_answer_preferred_after']:.3f} |",
+        f"| mean log-prob margin (right - wrong) | {mpo['policy_mean_log_prob_margin_before']:.3f} | "
+        f"{mpo['policy_mean_log_prob_margin_after']:.3f} |",
         f"Wall time: {report['seconds']} s. Checkpoint: {OUT / 'stage2'} (base model + value_head.safetensors).",
     ])
     (OUT / "summary.md").write_text(summary + "\n")

@@ -113,3 +113,36 @@ def write_text_pairs(path: Path, n: int, seed: int) -> Path:
 def blank_image() -> Image.Image:
     """What the model sees in the blind check: the same canvas with nothing drawn on it."""
     return _canvas()
+
+
+def candidate_answers(task, right: str, rng: random.Random, n: int) -> tuple[list[str], str]:
+    """Up to `n` answers of `task`'s template, the right one among them, in random order; and the ground truth."""
+    options = {
+        colour_pair: (sorted(COLOURS), "The shape is {}."),
+        size_pair: (["large", "small"], "The circle is {}."),
+        bar_chart_pair: (BAR_COLOURS, "The {} bar."),
+        count_pair: (COUNTS, "The count is {}."),
+    }[task]
+    words, template = options
+    truth = next(word for word in words if template.format(word) == right)
+    chosen_words = [truth] + rng.sample([w for w in words if w != truth], min(n, len(words)) - 1)
+    rng.shuffle(chosen_words)
+    return [template.format(word) for word in chosen_words], truth
+
+
+def write_mpo_prompts(path: Path, n: int, seed: int, responses: int = 4) -> Path:
+    """`n` image prompts for MPO, each with candidate answers (right and wrong about the image) and the right one
+    as `answer`; the images as PNG files beside the jsonl."""
+    rng = random.Random(seed)
+    image_dir = path.parent / f"{path.stem}_images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            task = IMAGE_TASKS[i % len(IMAGE_TASKS)]
+            image, prompt, right, _ = task(rng)
+            image.save(image_dir / f"{i:05d}.png")
+            answers, truth = candidate_answers(task, right, rng, responses)
+            row = {"id": f"{task.__name__}-{i}", "images": [f"{image_dir.name}/{i:05d}.png"], "prompt": prompt,
+                   "responses": answers, "answer": truth, "source": task.__name__}
+            f.write(json.dumps(row) + "\n")
+    return path
