@@ -5,11 +5,14 @@ A rank whose batch holds no image skips the vision tower while another rank runs
 match and training hangs (ms-swift #3213, #4918, LLaMA-Factory #5648, #7157). So a batch without images runs the
 tower on a dummy image of one merged token, and the reward adds `0 * sum(outputs)`: the value and the gradients
 of the loss are exactly those of the text-only batch (the dummy's gradients are zeros), and autograd runs the
-same backward (and the same gradient reduce-scatters) on every rank.
+same backward (and the same gradient reduce-scatters) on every rank. The dummy runs where real images run, after
+the token embeddings and before the language model: ZeRO-3 gathers each module on its own, so the order matters.
 
 It runs only when torch.distributed has more than one process, the only case in which ranks can disagree; a
 single process (scoring, evaluation, one-GPU training) pays nothing.
 """
+
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -60,3 +63,20 @@ def zero_vision_term(backbone: nn.Module, device) -> torch.Tensor:
     inputs = dummy_image_inputs(vision_config, device)
     features = backbone.get_image_features(**inputs)
     return 0.0 * _tensor_sum(features)
+
+
+@contextmanager
+def vision_tower_before_language_model(backbone: nn.Module, device, enabled: bool):
+    """While active (and `enabled`), a forward of `backbone` runs the vision tower on the dummy image right before
+    its language model, where a batch with images runs the tower. Yields the list that receives the zero term."""
+    zeros = []
+    if not enabled:
+        yield zeros
+        return
+    # prepend: before the language model's own pre-hooks, in which ZeRO-3 gathers and records the module order.
+    handle = backbone.language_model.register_forward_pre_hook(
+        lambda module, args: zeros.append(zero_vision_term(backbone, device)), prepend=True)
+    try:
+        yield zeros
+    finally:
+        handle.remove()

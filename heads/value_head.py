@@ -26,7 +26,7 @@ from transformers.utils import cached_file
 
 from .lora import ADAPTER_DIR, is_lora, merged_base_state, unwrap_lora
 from .packing import shared_prompt_rewards
-from .sharding import vision_tower_must_run, zero_vision_term
+from .sharding import vision_tower_before_language_model, vision_tower_must_run
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # older LLaMA-Factory / TRL saves
@@ -157,21 +157,20 @@ class ValueHeadRewardModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, margin=None, use_cache=False, **model_inputs) -> RewardOutput:
         # `margin` belongs to the loss; TRL's RewardTrainer.compute_loss passes the whole batch here.
-        zero = None
-        if (model_inputs.get("pixel_values") is None and model_inputs.get("pixel_values_videos") is None
-                and getattr(self.config, "vision_config", None) is not None
-                and vision_tower_must_run(self.run_vision_tower_always)):
-            # Before the backbone, where a batch with images runs the tower: the collectives keep the same order.
-            zero = zero_vision_term(self.backbone, input_ids.device)  # see heads/sharding.py
-        if "segment_ids" in model_inputs:  # a packed batch: one sequence per pair (or per prompt + N answers)
-            rewards = shared_prompt_rewards(self.backbone, self.v_head, input_ids, use_cache=use_cache, **model_inputs)
-        else:
-            outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **model_inputs)
-            hidden = outputs.last_hidden_state
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last_hidden = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
-            rewards = self.v_head(last_hidden).unsqueeze(-1)
-        return RewardOutput(logits=rewards if zero is None else rewards + zero)
+        text_only = model_inputs.get("pixel_values") is None and model_inputs.get("pixel_values_videos") is None
+        needs_tower = (text_only and getattr(self.config, "vision_config", None) is not None
+                       and vision_tower_must_run(self.run_vision_tower_always))
+        # Under sharding every rank runs the vision tower, on a dummy image if need be (heads/sharding.py).
+        with vision_tower_before_language_model(self.backbone, input_ids.device, needs_tower) as zeros:
+            if "segment_ids" in model_inputs:  # a packed batch: one sequence per pair (or per prompt + N answers)
+                rewards = shared_prompt_rewards(self.backbone, self.v_head, input_ids, use_cache=use_cache, **model_inputs)
+            else:
+                outputs = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **model_inputs)
+                hidden = outputs.last_hidden_state
+                rows = torch.arange(hidden.shape[0], device=hidden.device)
+                last_hidden = hidden[rows, last_token_index(attention_mask).to(hidden.device)]
+                rewards = self.v_head(last_hidden).unsqueeze(-1)
+        return RewardOutput(logits=rewards + sum(zeros) if zeros else rewards)
 
     def save_pretrained(self, save_directory: str | os.PathLike, state_dict: dict | None = None, **kwargs):
         """Writes the base checkpoint (lm_head included) and value_head.safetensors beside it."""

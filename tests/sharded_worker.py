@@ -1,14 +1,15 @@
-"""One rank of a 2-process FSDP2 run on CPU (gloo) in which rank 1's batch is text-only at every step.
+"""One rank of a 2-process sharded run on CPU (gloo) in which rank 1's batch is text-only at every step.
 
-    torchrun --nproc_per_node 2 tests/sharded_worker.py MODEL_DIR OUT.jsonl [--no_vision_sync]
+    torchrun --nproc_per_node 2 tests/sharded_worker.py MODEL_DIR OUT.jsonl [--backend fsdp2|zero3] [--no_vision_sync]
 
 Rank 0 trains on image pairs, rank 1 on text-only pairs, in the plain two-row layout at even steps and the packed
-layout at odd ones. The decoder layers, the vision tower and the whole model
-are each sharded with `fully_shard`, so every one of them gathers its parameters with a collective in the forward.
+layout at odd ones. Under FSDP2 the decoder layers, the vision tower and the whole model are each sharded with
+`fully_shard`; under DeepSpeed ZeRO-3 every module is. Each gathers its parameters with a collective in the forward.
 Rank 0 appends one JSON line per finished step (the loss averaged over both ranks) to OUT.jsonl.
 """
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -57,15 +58,44 @@ def pair_loss(model, batch: dict) -> torch.Tensor:
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def main():
+def shard_fsdp2(model, world_size: int):
+    """fully_shard on every decoder layer, the vision tower and the whole model; returns (model, optimizer, number of
+    sharded parameters: DTensors)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.backbone.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(find_vision_tower(model.pretrained_model), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    return model, optimizer, sum(isinstance(p, DTensor) for p in model.parameters())
+
+
+def shard_zero3(model, world_size: int):
+    """DeepSpeed ZeRO-3 (CPU accelerator, gloo); returns (engine, engine, number of sharded parameters: those whose
+    full tensor this rank does not hold)."""
+    import deepspeed
+
+    # gloo runs the collectives; DeepSpeed's shared-memory CPU all-reduce is a C++ build of minutes, not needed here.
+    # (`deepspeed.comm.torch` as an attribute is PyTorch itself, re-exported: go through the module table.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": LEARNING_RATE, "torch_adam": True}}}
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    return engine, engine, sum(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters())
+
+
+def main():
     from transformers import AutoProcessor
 
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("out")
+    parser.add_argument("--backend", choices=["fsdp2", "zero3"], default="fsdp2")
     parser.add_argument("--no_vision_sync", action="store_true", help="skip the vision tower on text-only batches")
     args = parser.parse_args()
 
@@ -74,23 +104,21 @@ def main():
     torch.manual_seed(0)
     model = build_model(args.model_dir)
     model.run_vision_tower_always = False if args.no_vision_sync else None
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model.backbone.language_model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(find_vision_tower(model.pretrained_model), mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    sharded = sum(isinstance(p, DTensor) for p in model.parameters())
     total = sum(1 for _ in model.parameters())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE)
+    model, optimizer, sharded = (shard_fsdp2 if args.backend == "fsdp2" else shard_zero3)(model, world_size)
     collate = collators(AutoProcessor.from_pretrained(args.model_dir))
     out = Path(args.out)
     if rank == 0:
-        out.write_text(json.dumps({"world_size": world_size, "dtensor_parameters": sharded, "parameters": total}) + "\n")
+        out.write_text(json.dumps({"world_size": world_size, "sharded_parameters": sharded, "parameters": total}) + "\n")
     for step in range(STEPS):
         loss = pair_loss(model, collate[step](rank_batch(rank, step)))
-        loss.backward()  # FSDP2 averages the gradients over the ranks
-        optimizer.step()
-        optimizer.zero_grad()
+        if args.backend == "zero3":
+            model.backward(loss)  # ZeRO-3 averages the gradients over the ranks
+            model.step()
+        else:
+            loss.backward()  # FSDP2 averages the gradients over the ranks
+            optimizer.step()
+            optimizer.zero_grad()
         mean_loss = loss.detach().clone()
         dist.all_reduce(mean_loss)
         if rank == 0:

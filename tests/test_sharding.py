@@ -1,4 +1,5 @@
-"""Sharded training on mixed batches: real FSDP2 on 2 CPU processes (gloo), one of them text-only at every step.
+"""Sharded training on mixed batches: real FSDP2 and DeepSpeed ZeRO-3 on 2 CPU processes (gloo), one of them
+text-only at every step.
 
 Without the vision-tower call on text-only batches (heads/sharding.py) the ranks' parameter gathers no longer match
 and no step completes; with it the run finishes and its losses equal a single process's on the same data. The
@@ -44,7 +45,7 @@ def run_two_ranks(model_dir: Path, out: Path, timeout: float, *flags) -> tuple[i
     """(return code, or None on timeout; the output). A hung run is killed with its whole process group."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", str(free_port()), str(WORKER), str(model_dir), str(out), *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                start_new_session=True)
     try:
@@ -80,21 +81,28 @@ def single_process_losses(model_dir: Path) -> list[float]:
     return losses
 
 
-def test_fsdp2_text_only_rank_finishes_and_matches_one_process(reward_model_dir, tmp_path):
-    returncode, output = run_two_ranks(reward_model_dir, tmp_path / "log.jsonl", timeout=180)
+@pytest.fixture(scope="module")
+def one_process_losses(reward_model_dir):
+    return single_process_losses(reward_model_dir)
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_text_only_rank_finishes_and_matches_one_process(backend, reward_model_dir, one_process_losses, tmp_path):
+    returncode, output = run_two_ranks(reward_model_dir, tmp_path / "log.jsonl", 180, "--backend", backend)
     assert returncode == 0, output[-4000:]
     header, losses = read_log(tmp_path / "log.jsonl")
-    # Really sharded on really two processes: every parameter is a DTensor (a DDP fallback would leave Parameters).
-    assert header == {"world_size": 2, "dtensor_parameters": header["parameters"], "parameters": header["parameters"]}
+    # Really sharded on really two processes: every parameter is a DTensor (FSDP2) or held by this rank only as a
+    # shard (ZeRO-3); a silent fallback to DDP or to one process would leave whole tensors.
+    assert header == {"world_size": 2, "sharded_parameters": header["parameters"], "parameters": header["parameters"]}
     assert len(losses) == sharded_worker.STEPS
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses(reward_model_dir)),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one_process_losses), rtol=1e-4, atol=1e-5)
 
 
-def test_fsdp2_text_only_rank_without_vision_call_never_completes_a_step(reward_model_dir, tmp_path):
-    """The control: with the tower skipped on text-only batches, rank 0 gathers the vision tower while rank 1 gathers
-    a decoder layer. gloo notices the size mismatch and aborts; NCCL has no such check and waits forever; here the
-    run either aborts or is killed at the timeout, and no step completes in either case."""
+def test_text_only_rank_without_vision_call_never_completes_a_step(reward_model_dir, tmp_path):
+    """The control (FSDP2 only, to keep the suite short; ZeRO-3 shares the mechanism): with the tower skipped on
+    text-only batches, rank 0 gathers the vision tower while rank 1 gathers a decoder layer. gloo notices the size
+    mismatch and aborts; NCCL has no such check and waits forever; here the run either aborts or is killed at the
+    timeout, and no step completes in either case."""
     returncode, output = run_two_ranks(reward_model_dir, tmp_path / "log.jsonl", 90, "--no_vision_sync")
     header, losses = read_log(tmp_path / "log.jsonl")
     assert header.get("world_size") == 2, output[-4000:]  # it got as far as the first step
