@@ -30,9 +30,9 @@ def check_model_config(model_config: ModelConfig) -> None:
     defaults = ModelConfig()
     problems = []
     if model_config.load_in_4bit or model_config.load_in_8bit:
-        problems.append("--load_in_4bit / --load_in_8bit (QLoRA): the reward model must be saved with the adapters "
-                        "merged into full-precision base weights, which this recipe does not do from a quantized "
-                        "base; train LoRA on the bf16 base (--use_peft true --bf16 true) instead")
+        problems.append("--load_in_4bit / --load_in_8bit (QLoRA) are not supported: the reward model is saved with "
+                        "the adapters merged into full-precision base weights, which this recipe does not do from a "
+                        "quantized base; train LoRA on the bf16 base instead (--use_peft true --dtype bfloat16)")
     else:
         for name in ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage"):
             if getattr(model_config, name) != getattr(defaults, name):
