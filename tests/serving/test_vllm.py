@@ -57,8 +57,10 @@ def model(tmp_path_factory):
 
 def test_offline_classify_equals_reward_scorer(model):
     renderer = model["scorer"].renderer
+    for path in {p for r in model["rows"] for p in r["images"]}:  # resized as the scorer resizes (see the README)
+        renderer.load_image(path).save(path.with_suffix(".resized.png"))
     rows = [{"text": renderer.render_text(r["prompt"], r["response"], len(r["images"])),
-             "images": [str(p) for p in r["images"]]} for r in model["rows"]]
+             "images": [str(p.with_suffix(".resized.png")) for p in r["images"]]} for r in model["rows"]]
     (model["root"] / "rows.json").write_text(json.dumps(rows))
     out = model["root"] / "offline.json"
     result = subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests/serving/vllm_offline.py"), str(model["export"]),
