@@ -21,6 +21,7 @@ report's table.
 import json
 import logging
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,17 +237,18 @@ def load_preference_mixture(
             raise ValueError(f"{name}: no rows")
         dataset = _undecoded_images(dataset)
         checker = RowChecker(name, base_dir, renderer, max_length, strict=bad_rows == "error")
-        # Never from datasets' cache: its key is the data file, not the images, which may have changed since.
+        # A fingerprint of its own at every load: datasets keys its cache on the data file, not on the images, which
+        # may have been fixed or broken since; every later step (filter, cast) then runs afresh too.
         checked = dataset.map(
             checker, with_indices=True, num_proc=num_proc, desc=f"Checking {name}",
-            remove_columns=dataset.column_names, load_from_cache_file=False,
+            remove_columns=dataset.column_names, new_fingerprint=f"row-check-{uuid.uuid4().hex}",
         )
         reasons = Counter(checked["drop_reason"])
         examples = {}
         for reason, detail in zip(checked["drop_reason"], checked["drop_detail"]):
             if reason and reason not in examples:
                 examples[reason] = detail
-        kept = checked.filter(lambda r: r == "", input_columns="drop_reason", load_from_cache_file=False)
+        kept = checked.filter(lambda r: r == "", input_columns="drop_reason")
         kept = kept.remove_columns(["drop_reason", "drop_detail"])
         report[name] = {
             "rows": len(dataset),

@@ -23,12 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: heads/, collators/, recipes/
 
-from accelerate import PartialState
 from trl import TrlParser
 
 from collators import open_image
 from recipes.eval.benchmark import ScorerArguments, load_scorer, resolve_image
-from recipes.eval.resumable import provenance_file, score_resumably
+from recipes.eval.resumable import process_state, provenance_file, score_resumably
 
 logger = logging.getLogger(__name__)
 LINES_PER_WRITE = 32  # an interruption loses at most this many scored lines
@@ -123,7 +122,7 @@ def main(args: ScoreFileArguments) -> list[dict]:
             best = max(range(len(line_scores)), key=line_scores.__getitem__)
             line.update(scores=line_scores, best_index=best, best=line["responses"][best])
         lines.append(line)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         output.parent.mkdir(parents=True, exist_ok=True)
         temporary = output.with_suffix(".tmp")
         temporary.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))

@@ -20,14 +20,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import PartialState
 from datasets import Dataset, DatasetDict, Image
 from matplotlib.figure import Figure
 
 from collators import PixelBudgetArguments
 from collators.preference_data import load_source
 from heads import RewardScorer
-from recipes.eval.resumable import part_files, provenance_file, read_records, score_resumably, unique_records
+from recipes.eval.resumable import (
+    part_files,
+    process_state,
+    provenance_file,
+    read_records,
+    score_resumably,
+    unique_records,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ def load_scorer(args: ScorerArguments) -> RewardScorer:
     if not args.model_name_or_path:
         raise ValueError("--model_name_or_path is required: a trained reward model (directory or hub id)")
     return RewardScorer.from_pretrained(  # each process of a launch on its own device
-        args.model_name_or_path, device=str(PartialState().device), dtype=args.dtype,
+        args.model_name_or_path, device=str(process_state().device), dtype=args.dtype,
         attn_implementation=args.attn_implementation,
         batch_size=args.batch_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
     )
@@ -218,7 +224,7 @@ def write_report(
     output_dir = Path(output_dir)
     if not predictions:
         raise ValueError(f"{benchmark}: no predictions in {output_dir / PREDICTIONS_FILE}; score without --recompute")
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return ""
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = output_dir / METRICS_FILE

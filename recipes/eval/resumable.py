@@ -16,10 +16,17 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch (torchrun / accelerate launch; one process otherwise). Without GPUs the
+    processes talk over gloo: accelerate only sets that up when told the run is on CPU."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 class StaleRecordsError(ValueError):
@@ -97,7 +104,7 @@ def score_resumably(path: str | os.PathLike, key: str, todo: list[tuple[int, obj
     `score` turns a list of work items into their records (dicts holding `key`). Every process returns the same
     dict {key: record}.
     """
-    path, state = Path(path), PartialState()
+    path, state = Path(path), process_state()
     check_provenance(path, provenance, overwrite)  # every process raises alike, so none waits alone
     state.wait_for_everyone()
     if state.is_main_process:
