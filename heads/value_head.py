@@ -136,6 +136,7 @@ class ValueHeadRewardModel(nn.Module):
         A directory without `value_head.safetensors` is a base model, not a reward model: loading it is an
         error unless `new_value_head=True` (the start of training), so a head is never silently random.
         """
+        check_model_path(path)
         head_file = find_value_head_file(path, revision=revision)
         if head_file is None and not new_value_head:
             raise FileNotFoundError(
@@ -146,7 +147,7 @@ class ValueHeadRewardModel(nn.Module):
         base = _auto_class(config).from_pretrained(path, revision=revision, **model_kwargs)
         model = cls(base)
         if head_file is not None:
-            model.v_head.load_state_dict(load_value_head_state(head_file))
+            model.v_head.load_state_dict(load_value_head_state(head_file, _hidden_size(config)))
         model.value_head_source = head_file or "new (random init)"
         return model
 
@@ -184,7 +185,10 @@ class ValueHeadRewardModel(nn.Module):
             save_file(head_state, str(adapter_dir / VALUE_HEAD_FILE), metadata={"format": "pt"})
             base_state, base_model = merged_base_state(base_model, base_state), base_model.get_base_model()
         base_model.save_pretrained(save_directory, state_dict=base_state, **kwargs)
-        save_file(head_state, str(Path(save_directory) / VALUE_HEAD_FILE), metadata={"format": "pt"})
+        # Written last and atomically: a directory with the head file holds a complete model.
+        head_file = Path(save_directory) / VALUE_HEAD_FILE
+        save_file(head_state, str(head_file.with_suffix(".tmp")), metadata={"format": "pt"})
+        os.replace(head_file.with_suffix(".tmp"), head_file)
 
     def load_checkpoint(self, checkpoint_dir: str | os.PathLike):
         """Restores weights saved by `save_pretrained` into this (already built) model, e.g. to resume."""
@@ -196,7 +200,7 @@ class ValueHeadRewardModel(nn.Module):
             # `visual.*`) that only transformers' loading maps back onto the module's own names.
             base = type(self.pretrained_model).from_pretrained(checkpoint_dir, dtype=self.pretrained_model.dtype)
             self.pretrained_model.load_state_dict(base.state_dict())
-        self.v_head.load_state_dict(load_value_head_state(str(Path(checkpoint_dir) / VALUE_HEAD_FILE)))
+        self.v_head.load_state_dict(load_value_head_state(str(Path(checkpoint_dir) / VALUE_HEAD_FILE), _hidden_size(self.config)))
 
     # Delegates the Trainer relies on.
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
