@@ -37,7 +37,7 @@ from recipes.mpo.evaluate import preference_accuracy  # noqa: E402
 
 OUT = ROOT / "outputs" / "demo"
 DATA = OUT / "data"
-SIZES = {"stage1": 2000, "stage2_text": 600, "heldout": 400, "text_heldout": 200, "mpo_prompts": 1200,
+SIZES = {"stage1": 2000, "stage2_text": 600, "heldout": 400, "text_heldout": 200, "mpo_prompts": 1000,
          "mpo_heldout": 400}
 
 
