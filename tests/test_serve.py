@@ -230,3 +230,12 @@ def test_command_line_serves_a_model_directory(vl_model, scorer):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(scorer, vl_model):
+    args = ServerArguments(model_name_or_path=str(vl_model), request_timeout_s=1e-4)
+    row = {"prompt": "Is 4 even?", "response": "yes"}
+    with ServerThread(build_app(scorer, args)) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+        late = client.post("/score", json={"rows": [row] * 16})
+        assert late.status_code == 504 and late.json()["error"]["field"] == "request"
+        assert client.get("/health").json()["status"] == "ok"
