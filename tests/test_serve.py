@@ -239,3 +239,28 @@ def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(scorer, vl_m
         late = client.post("/score", json={"rows": [row] * 16})
         assert late.status_code == 504 and late.json()["error"]["field"] == "request"
         assert client.get("/health").json()["status"] == "ok"
+
+
+class FailingScorer:
+    """The real scorer, except that a batch holding the response "boom" raises (a row no check could foresee)."""
+
+    def __init__(self, scorer):
+        self.scorer, self.renderer = scorer, scorer.renderer
+
+    def score(self, items):
+        if any(item["response"] == "boom" for item in items):
+            raise RuntimeError("boom")
+        return self.scorer.score(items)
+
+
+def test_a_row_the_model_fails_on_fails_only_its_own_request(scorer, vl_model):
+    args = ServerArguments(model_name_or_path=str(vl_model), batch_wait_ms=200)  # both requests land in one batch
+    good, bad = {"prompt": "Is 4 even?", "response": "yes"}, {"prompt": "Is 4 even?", "response": "boom"}
+    with ServerThread(build_app(FailingScorer(scorer), args)) as running:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda row: httpx.post(running.url + "/score", json={"rows": [row]}, timeout=60),
+                                    [good, bad]))
+        assert answers[0].status_code == 200
+        assert answers[0].json()["rewards"] == pytest.approx(scorer.score([dict(good, images=[])]), abs=1e-5)
+        assert answers[1].status_code == 500 and "boom" in answers[1].json()["error"]["message"]
+        assert metrics_value(running.url, "reward_server_batch_rows_count") >= 1

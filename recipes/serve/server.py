@@ -294,10 +294,13 @@ class DynamicBatcher:
         try:
             rewards = await asyncio.get_running_loop().run_in_executor(
                 self.executor, self.score_fn, [pending.item for pending in batch])
-        except Exception as error:  # the model failed on this batch: each of its requests gets the error
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+        except Exception as error:
+            if len(batch) > 1:  # row by row, so that only the request of the failing row gets the error
+                for pending in batch:
+                    await self._score([pending])
+                return
+            if not batch[0].future.done():
+                batch[0].future.set_exception(error)
             return
         self.metrics.observe_batch(len(batch))
         for pending, reward in zip(batch, rewards):
@@ -434,6 +437,8 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             response = JSONResponse(shape(endpoint, rewards))
         except RowError as error:
             response = error.response()
+        except Exception as error:  # a row the checks let through but the model could not score
+            response = RowError(500, f"scoring failed ({type(error).__name__}: {error})", field="request").response()
         metrics.observe_request(endpoint, response.status_code, time.perf_counter() - start, rows)
         return response
 
