@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from datasets import load_dataset
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, set_seed
-from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser
+from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from heads import find_vision_tower
 from heads.freezing import count_parameters, find_projectors
@@ -51,8 +51,10 @@ class MPOArguments:
 def load_policy(model_config: ModelConfig):
     config = AutoConfig.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision)
     auto = AutoModelForImageTextToText if type(config) in AutoModelForImageTextToText._model_mapping else AutoModelForCausalLM
+    quantization = get_quantization_config(model_config)  # --load_in_4bit / 8bit (QLoRA), as TRL's scripts
     return auto.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision,
-                                dtype=model_config.dtype, attn_implementation=model_config.attn_implementation)
+                                dtype=model_config.dtype, attn_implementation=model_config.attn_implementation,
+                                quantization_config=quantization)
 
 
 def freeze_vision(policy, args: MPOArguments) -> dict[str, int]:
@@ -96,8 +98,9 @@ def main(mpo_args: MPOArguments, training_args: MPOConfig, model_config: ModelCo
     policy = load_policy(model_config)
     freeze_vision(policy, mpo_args)
     train_dataset, eval_dataset = load_pairs(mpo_args, policy, training_args.seed)
+    # --use_peft and the lora_* flags: TRL wraps the policy in LoRA adapters (its reference is the frozen base).
     trainer = DPOTrainer(model=policy, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processor)
+                         processing_class=processor, peft_config=get_peft_config(model_config))
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
