@@ -83,20 +83,27 @@ def text_pair(rng: random.Random) -> tuple[str, str, str]:
     return f"Is {n} even or odd?", f"{n} is {right}.", f"{n} is {wrong}."
 
 
-def write_image_pairs(path: Path, n: int, seed: int) -> Path:
-    """`n` image pairs as jsonl, the images as PNG files beside it (paths relative to the jsonl)."""
+def write_image_rows(path: Path, n: int, seed: int, make_row) -> Path:
+    """`n` rows of the image tasks as jsonl, the images as PNG files beside it (paths relative to the jsonl).
+    `make_row(i, task, rng, prompt, right, wrong)` gives row i's fields besides `images` and `source`."""
     rng = random.Random(seed)
     image_dir = path.parent / f"{path.stem}_images"
     image_dir.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for i in range(n):
             task = IMAGE_TASKS[i % len(IMAGE_TASKS)]
-            image, prompt, chosen, rejected = task(rng)
+            image, prompt, right, wrong = task(rng)
             image.save(image_dir / f"{i:05d}.png")
-            row = {"images": [f"{image_dir.name}/{i:05d}.png"], "prompt": prompt, "chosen": chosen,
-                   "rejected": rejected, "source": task.__name__}
+            row = {"images": [f"{image_dir.name}/{i:05d}.png"], **make_row(i, task, rng, prompt, right, wrong),
+                   "source": task.__name__}
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def write_image_pairs(path: Path, n: int, seed: int) -> Path:
+    """`n` image preference pairs: the right answer chosen, a wrong one rejected."""
+    return write_image_rows(path, n, seed, lambda i, task, rng, prompt, right, wrong: {
+        "prompt": prompt, "chosen": right, "rejected": wrong})
 
 
 def write_text_pairs(path: Path, n: int, seed: int) -> Path:
@@ -132,17 +139,9 @@ def candidate_answers(task, right: str, rng: random.Random, n: int) -> tuple[lis
 
 def write_mpo_prompts(path: Path, n: int, seed: int, responses: int = 4) -> Path:
     """`n` image prompts for MPO, each with candidate answers (right and wrong about the image) and the right one
-    as `answer`; the images as PNG files beside the jsonl."""
-    rng = random.Random(seed)
-    image_dir = path.parent / f"{path.stem}_images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for i in range(n):
-            task = IMAGE_TASKS[i % len(IMAGE_TASKS)]
-            image, prompt, right, _ = task(rng)
-            image.save(image_dir / f"{i:05d}.png")
-            answers, truth = candidate_answers(task, right, rng, responses)
-            row = {"id": f"{task.__name__}-{i}", "images": [f"{image_dir.name}/{i:05d}.png"], "prompt": prompt,
-                   "responses": answers, "answer": truth, "source": task.__name__}
-            f.write(json.dumps(row) + "\n")
-    return path
+    as `answer`."""
+    def make_row(i, task, rng, prompt, right, wrong):
+        answers, truth = candidate_answers(task, right, rng, responses)
+        return {"id": f"{task.__name__}-{i}", "prompt": prompt, "responses": answers,
+                "answer": truth}
+    return write_image_rows(path, n, seed, make_row)
