@@ -1,6 +1,10 @@
 """MPO data from the reward model (recipes/mpo/build_mpo_data.py) and MPO training (recipes/mpo/mpo.py)."""
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer, ValueHeadRewardModel, find_vision_tower  # noqa: E402
 from heads.freezing import find_projectors  # noqa: E402
+from recipes.eval.resumable import StaleRecordsError  # noqa: E402
 from recipes.mpo import build_mpo_data  # noqa: E402
 from recipes.mpo.build_mpo_data import BuildMPODataArguments, choose_pair, is_correct  # noqa: E402
 from recipes.mpo.mpo import MPOArguments, MPOConfig  # noqa: E402
@@ -94,8 +99,8 @@ def test_build_mpo_data_end_to_end_and_resume(reward_model, tmp_path, monkeypatc
         if "answer" in row:
             assert row["answer"] in chosen and row["answer"] not in rejected
 
-    # Resume: a part file cut mid-line by an interrupted run; only the lost prompts are scored again.
-    part = next((tmp_path / "out" / "scored").glob("part-*.jsonl"))
+    # Resume: scored.jsonl cut mid-line by an interrupted run; only the lost prompts are scored again.
+    part = tmp_path / "out" / "scored.jsonl"
     lines = part.read_text().splitlines(keepends=True)
     part.write_text("".join(lines[:4]) + lines[4][:10])
     scored = []
@@ -115,9 +120,74 @@ def test_build_mpo_data_generates_with_a_policy(reward_model, tiny_checkpoints, 
                                  policy_model_name_or_path=str(tiny_checkpoints("qwen2_5_vl")), num_responses=3,
                                  max_new_tokens=6, output_dir=str(tmp_path / "out"))
     report = build_mpo_data.main(args)
-    record = json.loads(next((tmp_path / "out" / "scored").glob("part-*.jsonl")).read_text())
+    record = json.loads((tmp_path / "out" / "scored.jsonl").read_text())
+    assert json.loads((tmp_path / "out" / "scored.provenance.json").read_text())["num_responses"] == 3
     assert len(record["responses"]) == 3 and len(record["rewards"]) == 3
     assert report["responses_scored"] == 3
+
+
+def test_build_mpo_data_refuses_scores_of_another_reward_model(reward_model, tiny_checkpoints, tmp_path,
+                                                                 monkeypatch):
+    prompts = write_prompts(tmp_path)
+    args = BuildMPODataArguments(input=str(prompts), reward_model=str(reward_model), output_dir=str(tmp_path / "out"),
+                                 max_samples=3)
+    first = build_mpo_data.main(args)
+    scored = tmp_path / "out" / "scored.jsonl"
+    before = [json.loads(line)["rewards"] for line in scored.read_text().splitlines()]
+
+    other = tmp_path / "other_rm"  # the same base, another value head
+    torch.manual_seed(1)
+    model = ValueHeadRewardModel.from_pretrained(tiny_checkpoints("qwen2_5_vl"), new_value_head=True,
+                                                 dtype=torch.float32)
+    torch.nn.init.normal_(model.v_head.summary.weight, std=1.0)
+    model.save_pretrained(other)
+    AutoProcessor.from_pretrained(reward_model).save_pretrained(other)
+    rerun = BuildMPODataArguments(input=str(prompts), reward_model=str(other), output_dir=str(tmp_path / "out"),
+                                  max_samples=3)
+    with pytest.raises(StaleRecordsError, match="weights_fingerprint"):
+        build_mpo_data.main(rerun)
+    assert [json.loads(line)["rewards"] for line in scored.read_text().splitlines()] == before  # kept as they were
+
+    calls = []
+    original = RewardScorer.score
+    monkeypatch.setattr(RewardScorer, "score", lambda self, items, progress=False: calls.append(len(items))
+                        or original(self, items, progress))
+    rerun.overwrite = True
+    again = build_mpo_data.main(rerun)
+    assert calls == [3 * 3] and again["prompts_in"] == first["prompts_in"] == 3  # every prompt scored afresh
+    after = [json.loads(line)["rewards"] for line in scored.read_text().splitlines()]
+    assert len(after) == 3 and after != before
+    assert json.loads((tmp_path / "out" / "scored.provenance.json").read_text())["model"] == str(other)
+
+    # Another input file under the same output_dir: a clear error before any scoring.
+    prompts.write_text(prompts.read_text().replace('"c1"', '"renamed"'))
+    rerun.overwrite = False
+    with pytest.raises(ValueError, match="another input file"):
+        build_mpo_data.main(rerun)
+
+
+def test_build_mpo_data_shares_prompts_across_two_processes(reward_model, tmp_path):
+    prompts = write_prompts(tmp_path)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(ROOT / "recipes" / "mpo" / "build_mpo_data.py"), "--input",
+               str(prompts), "--reward_model", str(reward_model), "--output_dir", str(tmp_path / "out"),
+               "--prompts_per_write", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the workers too, not only the launcher
+        raise
+    assert process.returncode == 0, stderr[-3000:]
+    lines = (tmp_path / "out" / "scored.jsonl").read_text().splitlines()
+    assert [json.loads(line)["row"] for line in lines] == list(range(6))  # each row once, in order
+    assert not list((tmp_path / "out").glob("scored.part-*.jsonl"))
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["prompts_in"] == 6
 
 
 def test_bad_input_names_the_line(tmp_path):

@@ -15,10 +15,15 @@
 Writes to --output_dir: pairs.parquet in TRL's preference format with images (`images`, `prompt`, `chosen`,
 `rejected` as chat messages, the images embedded; plus `chosen_reward`, `rejected_reward`, `row`, `id`),
 report.json (prompts in, pairs out, drops per reason, margins, agreement of the pairs with the ground truth),
-margins.png, and scored/ (every response's reward, one part file per process).
+margins.png, and scored.jsonl (one line per prompt: row, id, its responses and their rewards) with
+scored.provenance.json (the reward model, a fingerprint of its weights, its settings, and what made the responses:
+the policy or "input responses", and the generation settings).
 
-A rerun resumes: prompts already in scored/ are not generated or scored again. Several processes split the prompts
-(row i goes to process i mod P), each appends to its own part file, and the main process builds the pairs:
+A rerun resumes: prompts already in scored.jsonl are not generated or scored again; a rerun with another reward
+model or other generation settings stops and says so (--overwrite true discards the scores and starts afresh).
+Under torchrun / accelerate launch the processes split the prompts still to score, each appends to its own part
+file (scored.part-<rank>.jsonl, folded into scored.jsonl at the end, or by the rerun of an interrupted run), and
+the main process builds the pairs (recipes/eval/resumable.py):
 
     python recipes/mpo/build_mpo_data.py --input prompts.jsonl --reward_model Skywork/Skywork-VL-Reward-7B \
         --output_dir data/mpo
@@ -49,11 +54,11 @@ from trl import TrlParser
 from collators import PixelBudgetArguments, to_messages
 from collators.conversation import conversation
 from heads import RewardScorer
-from recipes.eval.benchmark import read_predictions
+from recipes.eval.resumable import part_files, process_state, read_records, score_resumably
 
 logger = logging.getLogger(__name__)
 
-PAIRS_FILE, REPORT_FILE, MARGINS_PLOT, SCORED_DIR = "pairs.parquet", "report.json", "margins.png", "scored"
+PAIRS_FILE, REPORT_FILE, MARGINS_PLOT, SCORED_FILE = "pairs.parquet", "report.json", "margins.png", "scored.jsonl"
 DROP_REASONS = ("fewer_than_two_distinct_responses", "no_correct_response", "no_incorrect_response",
                 "margin_not_above_min_margin")
 MESSAGE = [{"role": Value("string"), "content": [{"type": Value("string"), "text": Value("string")}]}]
@@ -66,7 +71,7 @@ PAIR_FEATURES = Features({
 @dataclass
 class BuildMPODataArguments(PixelBudgetArguments):
     input: str | None = field(default=None, metadata={"help": "Prompts (jsonl): prompt, images, optional id, responses, answer."})
-    output_dir: str = field(default="data/mpo", metadata={"help": "Where pairs.parquet, the report and scored/ go."})
+    output_dir: str = field(default="data/mpo", metadata={"help": "Where pairs.parquet, the report and scored.jsonl go."})
     reward_model: str | None = field(default=None, metadata={"help": "The reward model (directory or hub id) that scores."})
     policy_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Generates the responses of rows without `responses`."})
@@ -84,6 +89,10 @@ class BuildMPODataArguments(PixelBudgetArguments):
     prompts_per_write: int = field(default=16, metadata={"help": "An interrupted run loses at most this many prompts."})
     dtype: str | None = field(default=None, metadata={"help": "bfloat16 on GPU and float32 on CPU unless set."})
     seed: int = field(default=42, metadata={"help": "Generation seed (per process: seed + process index)."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Discard scores in output_dir that another reward model or other generation "
+                                 "settings produced (without it such a rerun stops and says so)."},
+    )
 
     def __post_init__(self):
         if not self.input or not self.reward_model:
@@ -210,59 +219,63 @@ class Generator:
         return [[text.strip() for text in decoded[i * n:(i + 1) * n]] for i in range(len(rows))]
 
 
-def read_scored(scored_dir: Path, rows: list[dict]) -> dict[int, dict]:
-    """Every prompt already scored (any process's part file), checked against the input rows."""
-    done = {}
-    for part in sorted(scored_dir.glob("part-*.jsonl")):
-        records = read_predictions(part)
-        part.write_text("".join(json.dumps(record) + "\n" for record in records))  # a cut last line goes
-        for record in records:
-            if record["row"] >= len(rows) or rows[record["row"]]["id"] != record["id"]:
-                raise ValueError(f"{part}: row {record['row']} (id {record['id']!r}) is not that row of the input; "
-                                 "these scores come from another input file: use another --output_dir")
-            done[record["row"]] = record
+def scored_rows(path: Path, rows: list[dict]) -> set[int]:
+    """The rows already scored in `path` (and the part files an interrupted run left), checked against the input."""
+    done = set()
+    for file in [path, *part_files(path)]:
+        for record in read_records(file):
+            row = record["row"]
+            if row < len(rows) and rows[row]["id"] != record["id"]:
+                raise ValueError(f"{file}: row {row} was scored for id {record['id']!r} but the input has "
+                                 f"{rows[row]['id']!r} there; these scores come from another input file: use another "
+                                 "--output_dir (or --overwrite true to discard them)")
+            done.add(row)
     return done
 
 
-def score_prompts(args: BuildMPODataArguments, rows: list[dict], state: PartialState) -> None:
-    """This process's share of the prompts that have no scores yet: generate, score, append to its part file."""
-    scored_dir = Path(args.output_dir) / SCORED_DIR
-    done = read_scored(scored_dir, rows)
-    mine = [row for row in rows if row["row"] % state.num_processes == state.process_index and row["row"] not in done]
-    if done:
-        logger.info("Resuming: %d of %d prompts already scored in %s", len(done), len(rows), scored_dir)
-    if not mine:
-        return
-    generator = None
-    if any(row["responses"] is None for row in mine):
-        if not args.policy_model_name_or_path:
-            missing = next(row for row in mine if row["responses"] is None)
-            raise ValueError(f"{args.input}: row {missing['row']} has no `responses`; give them or a "
-                             "--policy_model_name_or_path to generate them")
-        import torch
-        torch.manual_seed(args.seed + state.process_index)
-        generator = Generator(args, state.device)
+def candidates_provenance(args: BuildMPODataArguments, rows: list[dict]) -> dict:
+    """What makes the responses that are scored: the input's own, or the policy and its generation settings."""
+    if all(row["responses"] is not None for row in rows):
+        return {"policy": "input responses"}
+    return {"policy": args.policy_model_name_or_path, "num_responses": args.num_responses,
+            "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed, "use_vllm": args.use_vllm}
+
+
+def score_prompts(args: BuildMPODataArguments, rows: list[dict], state: PartialState) -> dict[int, dict]:
+    """Generates (for rows without `responses`) and scores the prompts not yet in output_dir/scored.jsonl, shared
+    out across the processes; returns every prompt's record {row: {row, id, responses, rewards}}."""
+    path = Path(args.output_dir) / SCORED_FILE
+    done = set() if args.overwrite else scored_rows(path, rows)  # every process raises alike, before any scoring
+    missing = next((row for row in rows if row["row"] not in done and row["responses"] is None), None)
+    if missing is not None and not args.policy_model_name_or_path:
+        raise ValueError(f"{args.input}: row {missing['row']} has no `responses`; give them or a "
+                         "--policy_model_name_or_path to generate them")
     scorer = RewardScorer.from_pretrained(args.reward_model, device=str(state.device), dtype=args.dtype,
                                           batch_size=args.batch_size,
                                           min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    part = scored_dir / f"part-{state.process_index:05d}.jsonl"
-    with part.open("a") as file:
-        for start in range(0, len(mine), args.prompts_per_write):
-            chunk = mine[start:start + args.prompts_per_write]
-            need = [row for row in chunk if row["responses"] is None]
-            for i in range(0, len(need), args.generation_batch_size):
-                batch = need[i:i + args.generation_batch_size]
-                for row, responses in zip(batch, generator(batch)):
-                    row["responses"] = responses
-            items = [{"images": row["images"], "prompt": row["prompt"], "response": response}
-                     for row in chunk for response in row["responses"]]
-            rewards = iter(scorer.score(items))
-            for row in chunk:
-                record = {"row": row["row"], "id": row["id"], "responses": row["responses"],
-                          "rewards": [next(rewards) for _ in row["responses"]]}
-                file.write(json.dumps(record) + "\n")
-            file.flush()
-            logger.info("Scored %d / %d prompts of process %d", start + len(chunk), len(mine), state.process_index)
+    generator = None
+
+    def score(chunk: list[dict]) -> list[dict]:
+        nonlocal generator
+        need = [row for row in chunk if row["responses"] is None]
+        if need and generator is None:  # loaded only when a prompt to score has no responses
+            import torch
+            torch.manual_seed(args.seed + state.process_index)
+            generator = Generator(args, state.device)
+        for i in range(0, len(need), args.generation_batch_size):
+            batch = need[i:i + args.generation_batch_size]
+            for row, responses in zip(batch, generator(batch)):
+                row["responses"] = responses
+        items = [{"images": row["images"], "prompt": row["prompt"], "response": response}
+                 for row in chunk for response in row["responses"]]
+        rewards = iter(scorer.score(items))
+        return [{"row": row["row"], "id": row["id"], "responses": row["responses"],
+                 "rewards": [next(rewards) for _ in row["responses"]]} for row in chunk]
+
+    return score_resumably(path, "row", [(row["row"], row) for row in rows], score,
+                           provenance={**scorer.provenance(), **candidates_provenance(args, rows)},
+                           overwrite=args.overwrite, per_write=args.prompts_per_write, desc="Scoring prompts")
 
 
 def build_pairs(args: BuildMPODataArguments, rows: list[dict], scored: dict[int, dict]) -> tuple[list[dict], dict]:
@@ -320,15 +333,12 @@ def plot_margins(pairs: list[dict], path: Path) -> None:
 
 
 def main(args: BuildMPODataArguments) -> dict | None:
-    state = PartialState()
+    state = process_state()
     output_dir = Path(args.output_dir)
-    (output_dir / SCORED_DIR).mkdir(parents=True, exist_ok=True)
     rows = read_prompts(args.input, args.max_samples)
-    score_prompts(args, rows, state)
-    state.wait_for_everyone()
+    scored = score_prompts(args, rows, state)  # every process returns when all are done
     if not state.is_main_process:
         return None
-    scored = read_scored(output_dir / SCORED_DIR, rows)
     missing = [row["row"] for row in rows if row["row"] not in scored]
     if missing:
         raise RuntimeError(f"{len(missing)} prompts were not scored (first: row {missing[0]}); rerun to resume")
