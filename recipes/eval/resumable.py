@@ -134,4 +134,6 @@ def score_resumably(path: str | os.PathLike, key: str, todo: list[tuple[int, obj
     if state.is_main_process and state.num_processes > 1:
         merge_parts(path, key)
     state.wait_for_everyone()
-    return {record[key]: record for record in read_records(path)}
+    records = {record[key]: record for record in read_records(path)}
+    state.wait_for_everyone()  # every process has read the file before a caller may remove it
+    return records
