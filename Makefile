@@ -68,12 +68,12 @@ bench-data: install
 	$(PY) recipes/bench/cleaning.py --pairs 100000
 
 bench: install
-	$(PY) recipes/bench/training.py --config cpu --output recipes/bench/results/bench_cpu.md
+	$(PY) recipes/bench/training.py --config cpu --threads 1 --output recipes/bench/results/bench_cpu.md
 	$(PY) recipes/bench/scoring.py --threads 1 --output recipes/bench/results/scoring_cpu.md
 
-# Training runs on GPUs: say so before accelerate or DeepSpeed fail on a machine without any.
+# Training (and MPO) runs on GPUs: say so before accelerate or DeepSpeed fail on a machine without any.
 gpus:
-	@test "$(NUM_GPUS)" -gt 0 2>/dev/null || { echo "make stage1/stage2 train on GPUs, and nvidia-smi lists none here" \
+	@test "$(NUM_GPUS)" -gt 0 2>/dev/null || { echo "make stage1/stage2/mpo-data/mpo run on GPUs, and nvidia-smi lists none here" \
 		"(NUM_GPUS=$(NUM_GPUS)). On a CPU, 'make demo' runs the whole pipeline with a tiny model;" \
 		"on a GPU machine, set NUM_GPUS=N if nvidia-smi is not on the PATH." >&2; exit 2; }
 
@@ -97,12 +97,12 @@ eval-mmrb: install
 	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/multimodal_rewardbench.py --model_name_or_path $(RM) --dataset $(MMRB_JSON) \
 		--output_dir $(EVAL_DIR)/multimodal_rewardbench
 
-mpo-data: install
+mpo-data: gpus install
 	HF_HUB_OFFLINE=0 $(VENV)/bin/accelerate launch --num_processes $(NUM_GPUS) recipes/mpo/build_mpo_data.py \
 		--input $(MPO_PROMPTS) --policy_model_name_or_path $(MODEL) --num_responses $(MPO_RESPONSES) \
 		--reward_model $(RM) --output_dir $(MPO_DATA)
 
-mpo: install
+mpo: gpus install
 	$(LAUNCH) recipes/mpo/mpo.py --config recipes/qwen2_5_vl_7b/mpo.yaml \
 		--model_name_or_path $(MODEL) --dataset $(MPO_DATA)/pairs.parquet --output_dir outputs/$(notdir $(MODEL))-mpo
 

@@ -22,8 +22,7 @@ attention kernels it executes (masked attention counted over its full L x L; gra
 included; elementwise ops and the optimizer not counted), divided by the median step time and the peak dense
 bf16 rate (--peak_tflops, 989 for H100/H200 SXM). Packing executes fewer FLOPs per pair, so compare pairs/s.
 
-    make bench        # python recipes/bench/training.py --config cpu --output recipes/bench/results/bench_cpu.md
-    python recipes/bench/training.py --config cpu --threads 1 --output recipes/bench/results/bench_cpu.md  # shared cores
+    make bench        # python recipes/bench/training.py --config cpu --threads 1 --output recipes/bench/results/bench_cpu.md
     python recipes/bench/training.py --config gpu --output recipes/bench/results/bench_gpu.md
     python recipes/bench/training.py --config gpu --dry_run      # the gpu code path with tiny shapes, on CPU
 """
