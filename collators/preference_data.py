@@ -169,16 +169,18 @@ class RowChecker:
         return None
 
     def find_problem(self, row: dict) -> tuple[str, str] | None:
+        resized = []  # each image decoded once; the length check below renders these
         for image in row["images"]:
             where = image["path"] or "embedded bytes"
             if image["bytes"] is None and not os.path.isfile(image["path"]):
                 return "missing_image", f"image file {where} does not exist"
             try:
-                open_image(image).load()
+                decoded = open_image(image)
+                decoded.load()
             except Exception as error:  # PIL raises several types for undecodable data
                 return "corrupt_image", f"image {where} cannot be decoded ({type(error).__name__}: {error})"
-            try:
-                self.renderer.load_image(image)  # the resize of training: qwen-vl-utils refuses extreme shapes
+            try:  # the resize of training: qwen-vl-utils refuses extreme shapes
+                resized.append(self.renderer.load_image(decoded))
             except Exception as error:
                 return "unusable_image", f"image {where} cannot be resized for the model ({error})"
         if _is_empty(row["prompt"]) and not row["images"]:
@@ -189,7 +191,7 @@ class RowChecker:
         if row["chosen"] == row["rejected"]:
             return "identical_responses", "chosen and rejected are identical"
         if self.max_length is not None:
-            items = [{"images": row["images"], "prompt": row["prompt"], "response": row[s]} for s in ("chosen", "rejected")]
+            items = [{"images": resized, "prompt": row["prompt"], "response": row[s]} for s in ("chosen", "rejected")]
             length = int(self.renderer(items)["attention_mask"].sum(-1).max())
             if length > self.max_length:
                 return "overlong", f"{length} tokens > max_length {self.max_length} (responses are never cut)"

@@ -30,6 +30,7 @@ class RewardScorer:
         self.model = model.eval()
         self.renderer = ConversationRenderer(processing_class, min_pixels=min_pixels, max_pixels=max_pixels)
         self.batch_size = batch_size  # responses per forward pass
+        self.source = None  # where the model was loaded from, for provenance()
         # Packs the responses of one prompt into one sequence where the family supports it (see module docstring).
         self.shared_prompt = shared_prompt
 
@@ -53,7 +54,7 @@ class RewardScorer:
         head) and every setting that changes a score. Saved beside predictions, so none is reused for another."""
         config = self.model.config.get_text_config()
         return {
-            "model": getattr(self, "source", None),
+            "model": self.source,
             "weights_fingerprint": weights_fingerprint(self.model),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "attn_implementation": config._attn_implementation,

@@ -8,7 +8,8 @@ Input, one JSON object per line:
 Output: the input lines, in order, with those fields added. Rewards come from the forward pass of training
 (`RewardScorer`), in batches of similar length; bf16 on GPU; the pixel budget the model was trained with. Scores
 are kept as they are made (in <output>.progress.jsonl): an interrupted run, or one stopped by a bad line, resumes
-when rerun. Under `torchrun --nproc_per_node N` (or `accelerate launch`) every process scores a share of the lines.
+when rerun. What produced them (model, weights fingerprint, settings) is written to <output>.provenance.json.
+Under `torchrun --nproc_per_node N` (or `accelerate launch`) every process scores a share of the lines.
 
     python recipes/score.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
         --input candidates.jsonl --output scored.jsonl --batch_size 8
@@ -71,7 +72,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def check_images(work: dict) -> None:
-    """Decodes a line's images before it is scored, so that a bad one is named by its line."""
+    """Decodes a line's images, to name the line whose image the scorer could not read."""
     for image in work["images"]:
         try:
             open_image(image).load()
@@ -82,11 +83,15 @@ def check_images(work: dict) -> None:
 
 
 def score_lines(scorer, works: list[dict]) -> list[dict]:
-    for work in works:
-        check_images(work)
     items = [{"images": work["images"], "prompt": work["prompt"], "response": response}
              for work in works for response in work["responses"]]
-    scores, records, start = scorer.score(items), [], 0
+    try:
+        scores = scorer.score(items)
+    except Exception:
+        for work in works:  # the images are decoded again only to say which line failed
+            check_images(work)
+        raise
+    records, start = [], 0
     for work in works:
         records.append({"line": work["line"], "scores": scores[start:start + len(work["responses"])]})
         start += len(work["responses"])
@@ -127,9 +132,9 @@ def main(args: ScoreFileArguments) -> list[dict]:
         temporary = output.with_suffix(".tmp")
         temporary.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
         os.replace(temporary, output)
-        if works:
+        if works:  # what produced the scores stays beside them
             progress.unlink()
-            provenance_file(progress).unlink(missing_ok=True)
+            os.replace(provenance_file(progress), provenance_file(output))
     return lines
 
 

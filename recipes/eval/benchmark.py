@@ -16,7 +16,7 @@ refuses predictions that another model or other settings produced):
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +126,20 @@ def resolve_image(image, base_dir: str | None, where: str):
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """The lines of a predictions file. A last line cut short by an interrupted run is left out (and rescored)."""
     return read_records(path)
+
+
+def evaluate(args: EvaluationArguments, benchmark: str, load_pairs: Callable[[], Iterable[dict]],
+             metrics_of: Callable[[list[dict]], dict], columns: list[str], published: dict[str, list[float]],
+             notes: str = "") -> dict:
+    """An evaluator's run: score the pairs `load_pairs` gives (or, with --recompute, read the predictions back),
+    then the benchmark's metrics and the reports. Returns the metrics."""
+    predictions = recomputed_predictions(args.output_dir) if args.recompute else score_benchmark(args, load_pairs())
+    metrics = metrics_of(predictions)
+    report = write_report(args.output_dir, benchmark, metrics, columns, published, predictions,
+                          args.model_name_or_path, notes)
+    if report:  # the main process writes the reports
+        print(report)
+    return metrics
 
 
 def score_benchmark(args: EvaluationArguments, pairs: Iterable[dict]) -> list[dict]:

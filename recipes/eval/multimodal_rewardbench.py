@@ -30,10 +30,8 @@ from recipes.eval.benchmark import (
     EvaluationArguments,
     accuracy,
     accuracy_by_category,
-    recomputed_predictions,
+    evaluate,
     resolve_image,
-    score_benchmark,
-    write_report,
 )
 
 FIELDS = ("ID", "Text", "Image", "Output1", "Output2", "Better", "Category")
@@ -125,19 +123,12 @@ def multimodal_rewardbench_pair(row: dict, index: int, data_dir: str, source: st
 
 
 def main(args: MultimodalRewardBenchArguments) -> dict:
-    if args.recompute:
-        predictions = recomputed_predictions(args.output_dir)
-    else:
+    def pairs():
         rows = load_multimodal_rewardbench(args.dataset, args.max_samples)
         data_dir = str(Path(args.dataset).parent)
-        pairs = (multimodal_rewardbench_pair(row, index, data_dir, args.dataset) for index, row in enumerate(rows))
-        predictions = score_benchmark(args, pairs)
-    metrics = multimodal_rewardbench_metrics(predictions)
-    report = write_report(args.output_dir, "Multimodal RewardBench", metrics, COLUMNS, PUBLISHED, predictions,
-                          args.model_name_or_path, NOTES)
-    if report:  # the main process writes the reports
-        print(report)
-    return metrics
+        return (multimodal_rewardbench_pair(row, index, data_dir, args.dataset) for index, row in enumerate(rows))
+
+    return evaluate(args, "Multimodal RewardBench", pairs, multimodal_rewardbench_metrics, COLUMNS, PUBLISHED, NOTES)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ from trl import TrlParser
 from recipes.eval.benchmark import (
     EvaluationArguments,
     accuracy_by_category,
+    evaluate,
     load_benchmark,
-    recomputed_predictions,
-    score_benchmark,
-    write_report,
 )
 
 # EXAMPLE_COUNTS of the official package (rewardbench==0.1.4, rewardbench/constants.py); tests/test_evaluation.py
@@ -116,19 +114,12 @@ def rewardbench_pair(row: dict, index: int) -> dict:
 
 
 def main(args: RewardBenchArguments) -> dict:
-    if args.recompute:
-        predictions = recomputed_predictions(args.output_dir)
-    else:
+    def pairs():
         columns = ("id", "prompt", "chosen", "rejected", "subset")
         dataset, _ = load_benchmark(args.dataset, args.split, columns, args.max_samples)
-        pairs = (rewardbench_pair(row, index) for index, row in enumerate(dataset))
-        predictions = score_benchmark(args, pairs)
-    metrics = rewardbench_metrics(predictions)
-    report = write_report(args.output_dir, "RewardBench", metrics, COLUMNS, PUBLISHED, predictions,
-                          args.model_name_or_path, NOTES)
-    if report:  # the main process writes the reports
-        print(report)
-    return metrics
+        return (rewardbench_pair(row, index) for index, row in enumerate(dataset))
+
+    return evaluate(args, "RewardBench", pairs, rewardbench_metrics, COLUMNS, PUBLISHED, NOTES)
 
 
 if __name__ == "__main__":

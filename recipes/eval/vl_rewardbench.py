@@ -27,11 +27,9 @@ from recipes.eval.benchmark import (
     EvaluationArguments,
     accuracy,
     accuracy_by_category,
+    evaluate,
     load_benchmark,
-    recomputed_predictions,
     resolve_image,
-    score_benchmark,
-    write_report,
 )
 
 CATEGORY_OF_PREFIX = {
@@ -114,19 +112,12 @@ def vl_rewardbench_pair(row: dict, index: int, base_dir: str | None, source: str
 
 
 def main(args: VLRewardBenchArguments) -> dict:
-    if args.recompute:
-        predictions = recomputed_predictions(args.output_dir)
-    else:
+    def pairs():
         columns = ("id", "query", "response", "image", "human_ranking")
         dataset, base_dir = load_benchmark(args.dataset, args.split, columns, args.max_samples)
-        pairs = (vl_rewardbench_pair(row, index, base_dir, args.dataset) for index, row in enumerate(dataset))
-        predictions = score_benchmark(args, pairs)
-    metrics = vl_rewardbench_metrics(predictions)
-    report = write_report(args.output_dir, "VL-RewardBench", metrics, COLUMNS, PUBLISHED, predictions,
-                          args.model_name_or_path, NOTES)
-    if report:  # the main process writes the reports
-        print(report)
-    return metrics
+        return (vl_rewardbench_pair(row, index, base_dir, args.dataset) for index, row in enumerate(dataset))
+
+    return evaluate(args, "VL-RewardBench", pairs, vl_rewardbench_metrics, COLUMNS, PUBLISHED, NOTES)
 
 
 if __name__ == "__main__":
