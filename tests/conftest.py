@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import AutoProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -23,3 +24,9 @@ def tiny_checkpoints(tmp_path_factory):
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def processor(tiny_checkpoints):
+    """The tiny Qwen2.5-VL processor."""
+    return AutoProcessor.from_pretrained(tiny_checkpoints("qwen2_5_vl"))

@@ -40,11 +40,6 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 @pytest.fixture
-def processor(tiny_checkpoints):
-    return AutoProcessor.from_pretrained(tiny_checkpoints("qwen2_5_vl"))
-
-
-@pytest.fixture
 def data_dir(tmp_path) -> Path:
     (tmp_path / "img").mkdir()
     Image.new("RGB", (56, 56), "red").save(tmp_path / "img" / "ok.png")

@@ -4,7 +4,6 @@ import json
 
 import pytest
 from PIL import Image
-from transformers import AutoProcessor
 
 from collators import PairCollator, load_preference_mixture
 from collators.preference_data import BadRowError, PreferenceDataArguments
@@ -13,11 +12,6 @@ from collators.preference_data import BadRowError, PreferenceDataArguments
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
-
-
-@pytest.fixture
-def processor(tiny_checkpoints):
-    return AutoProcessor.from_pretrained(tiny_checkpoints("qwen2_5_vl"))
 
 
 @pytest.fixture
