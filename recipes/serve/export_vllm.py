@@ -110,9 +110,10 @@ def export_vllm(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     clash = sorted(key for key in shards if key.startswith(prefix + "."))
     if clash:
         raise ExportError(f"{src} already holds {clash[:3]}: a second `{prefix}` head would be ambiguous")
-    head = load_value_head_state(head_file)
-    if head["summary.weight"].shape[0] != 1:
-        raise ExportError(f"{head_file}: the value head has {head['summary.weight'].shape[0]} outputs, expected 1")
+    try:  # exactly the two keys, shaped for this model's hidden size
+        head = load_value_head_state(head_file, (config.get("text_config") or config)["hidden_size"])
+    except ValueError as error:
+        raise ExportError(str(error)) from None
 
     if dst.exists() and any(dst.iterdir()):
         raise ExportError(f"{dst} exists and is not empty")

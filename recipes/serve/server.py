@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import copy
+import hmac
 import io
 import json
 import re
@@ -368,6 +369,8 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
     tokenizer = copy.deepcopy(scorer.renderer.tokenizer)
     prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validation")
     accepts_images = scorer.renderer.image_processor is not None
+    image_processor = scorer.renderer.image_processor
+    pixels_per_token = (getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)) ** 2
     batcher = DynamicBatcher(scorer.score, args.max_batch_rows, args.max_batch_tokens, args.batch_wait_ms / 1000, metrics)
 
     @asynccontextmanager
@@ -378,9 +381,13 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
 
     app = FastAPI(title="reward server", docs_url=None, redoc_url=None, lifespan=lifespan)
 
-    async def read_json(request: Request):
-        if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
+    def check_key(request: Request) -> None:
+        expected = f"Bearer {args.api_key}".encode()
+        if args.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
             raise RowError(401, "missing or wrong API key (Authorization: Bearer KEY)", field="authorization")
+
+    async def read_json(request: Request):
+        check_key(request)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > args.max_body_bytes:
             raise RowError(413, f"body of {declared} bytes exceeds the limit of {args.max_body_bytes}", field="body")
@@ -413,10 +420,10 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
         placeholders = sum(count_image_parts(to_messages(item[key], "user")) for key in ("prompt", "response"))
         if placeholders > len(images):
             raise RowError(422, f"{placeholders} image placeholders but {len(images)} images", index, field)
-        # Qwen-VL: one token per 28x28 pixels after the resize; a rough count is enough to bound a batch.
-        budget = scorer.renderer.max_pixels or 16384 * 28 * 28
+        # Qwen-VL: one token per (patch x merge)^2 pixels after the resize; a rough count is enough to bound a batch.
+        budget = scorer.renderer.max_pixels or 16384 * pixels_per_token
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        tokens += sum(min(image.width * image.height, budget) // (28 * 28) for image in images)
+        tokens += sum(min(image.width * image.height, budget) // pixels_per_token for image in images)
         return dict(item, images=images), tokens
 
     async def score_items(rows: list[tuple[dict, int]]) -> list[float]:
@@ -491,8 +498,10 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics_text(request: Request):
-        if args.api_key and request.headers.get("authorization") != f"Bearer {args.api_key}":
-            return RowError(401, "missing or wrong API key (Authorization: Bearer KEY)", field="authorization").response()
+        try:
+            check_key(request)
+        except RowError as error:
+            return error.response()
         return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
 
     return app
