@@ -145,7 +145,7 @@ def pack_conversations(renderer: ConversationRenderer, groups: list[tuple[list, 
 
 
 class PackedPairCollator(PairCollator):
-    """Collates rows of the preference schema into one packed sequence per pair (see `pack_pairs`).
+    """Collates rows of the preference schema into one packed sequence per pair (see `pack_conversations`).
 
     The rows are rendered and tokenized exactly as PairCollator does; the shared prompt is the tokens the chosen
     and the rejected row have in common. A batch in which an image sits inside an answer (so it is not shared)

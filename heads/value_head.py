@@ -60,7 +60,7 @@ def _hidden_size(config) -> int:
     return config.get_text_config().hidden_size  # Qwen2.5-VL keeps it in text_config
 
 
-def _auto_class(config):
+def auto_class(config):
     """Vision-language checkpoints load as image-text-to-text models, the rest as causal LMs."""
     if type(config) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
@@ -144,7 +144,7 @@ class ValueHeadRewardModel(nn.Module):
                 "To start training from it, ask for a fresh head (--new_value_head true)."
             )
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=model_kwargs.get("trust_remote_code", False))
-        base = _auto_class(config).from_pretrained(path, revision=revision, **model_kwargs)
+        base = auto_class(config).from_pretrained(path, revision=revision, **model_kwargs)
         model = cls(base)
         if head_file is not None:
             model.v_head.load_state_dict(load_value_head_state(head_file, _hidden_size(config)))

@@ -56,7 +56,7 @@ def per_gpu(total: int, trained: int, gpus: int, sharded: str) -> tuple[float, f
 
 def main():
     full_trained, full_frozen = count_parameters(reward_model(lora=False))
-    lora_trained, lora_frozen = count_parameters(reward_model(lora=True))
+    lora_trained, _ = count_parameters(reward_model(lora=True))
     total = full_trained + full_frozen
     print(f"Qwen2.5-VL-7B reward model: {total:,} parameters; full fine-tuning trains {full_trained:,} "
           f"(vision tower frozen); LoRA r={LORA_R} trains {lora_trained:,} (adapters, projector, value head)\n")

@@ -42,9 +42,7 @@ SIZES = {"stage1": 2000, "stage2_text": 600, "heldout": 400, "text_heldout": 200
 
 
 def run_stage(stage: str, overrides: list[str]) -> None:
-    command = [sys.executable, str(ROOT / "recipes" / f"{stage}.py"), "--config", str(ROOT / "recipes" / "demo" / f"{stage}.yaml"), *overrides]
-    print(f"\n$ {' '.join(command)}", flush=True)
-    subprocess.run(command, cwd=ROOT, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    run_script(f"recipes/{stage}.py", ["--config", str(ROOT / "recipes" / "demo" / f"{stage}.yaml"), *overrides])
 
 
 def run_script(script: str, args: list[str]) -> None:
@@ -77,13 +75,17 @@ def evaluate(checkpoint: Path) -> dict:
             "text_accuracy": round(text, 4), "heldout_accuracy_per_task": per_task}
 
 
-def policy_preference(policy: Path, path: Path) -> dict:
-    """How often the policy gives the right answer a higher log-probability than the wrong one (held-out pairs)."""
+def preference_pairs(path: Path) -> list[dict]:
+    """Held-out image pairs in TRL's preference format, images decoded once for both measurements."""
     rows = [json.loads(line) for line in path.open()]
-    pairs = [{"images": [Image.open(path.parent / image).convert("RGB") for image in row["images"]],
-              "prompt": [{"role": "user", "content": row["prompt"]}],
-              "chosen": [{"role": "assistant", "content": row["chosen"]}],
-              "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]
+    return [{"images": [Image.open(path.parent / image).convert("RGB") for image in row["images"]],
+             "prompt": [{"role": "user", "content": row["prompt"]}],
+             "chosen": [{"role": "assistant", "content": row["chosen"]}],
+             "rejected": [{"role": "assistant", "content": row["rejected"]}]} for row in rows]
+
+
+def policy_preference(policy: Path, pairs: list[dict]) -> dict:
+    """How often the policy gives the right answer a higher log-probability than the wrong one."""
     model = AutoModelForImageTextToText.from_pretrained(policy, dtype="float32")
     return preference_accuracy(model, AutoProcessor.from_pretrained(policy), pairs, batch_size=32)
 
@@ -98,11 +100,12 @@ def run_mpo() -> dict:
         "--input", str(DATA / "mpo_prompts.jsonl"), "--reward_model", str(OUT / "stage2"),
         "--output_dir", str(OUT / "mpo_data"), "--require_correct", "false", "--batch_size", "64"])
     data = json.loads((OUT / "mpo_data" / "report.json").read_text())
-    before = policy_preference(OUT / "tiny-qwen2_5_vl", DATA / "mpo_heldout.jsonl")
+    heldout = preference_pairs(DATA / "mpo_heldout.jsonl")
+    before = policy_preference(OUT / "tiny-qwen2_5_vl", heldout)
     run_script("recipes/mpo/mpo.py", ["--config", str(ROOT / "recipes" / "demo" / "mpo.yaml"),
                                       "--model_name_or_path", str(OUT / "tiny-qwen2_5_vl"),
                                       "--dataset", str(OUT / "mpo_data" / "pairs.parquet"), "--output_dir", str(OUT / "mpo")])
-    after = policy_preference(OUT / "mpo", DATA / "mpo_heldout.jsonl")
+    after = policy_preference(OUT / "mpo", heldout)
     return {"prompts": data["prompts_in"], "pairs": data["pairs_out"], "drops": data["drops"],
             "pairs_agreeing_with_truth": data["pairs_agreeing_with_answer"],
             "reward_model_best_of_n_correct": data["best_of_n_correct"],
@@ -150,6 +153,7 @@ def main() -> None:
         f"{mpo['policy_right_answer_preferred_after']:.3f} |",
         f"| mean log-prob margin (right - wrong) | {mpo['policy_mean_log_prob_margin_before']:.3f} | "
         f"{mpo['policy_mean_log_prob_margin_after']:.3f} |",
+        "",
         f"Wall time: {report['seconds']} s. Checkpoint: {OUT / 'stage2'} (base model + value_head.safetensors).",
     ])
     (OUT / "summary.md").write_text(summary + "\n")

@@ -54,6 +54,8 @@ from trl import TrlParser
 from collators import PixelBudgetArguments, to_messages
 from collators.conversation import conversation
 from heads import RewardScorer
+from heads.value_head import auto_class
+from recipes.eval.benchmark import resolve_image
 from recipes.eval.resumable import part_files, process_state, read_records, score_resumably
 
 logger = logging.getLogger(__name__)
@@ -118,12 +120,7 @@ def read_prompts(path: str | Path, max_samples: int | None = None) -> list[dict]
             images = row.get("images")
             if images is None:
                 images = [row["image"]] if row.get("image") is not None else []
-            resolved = []
-            for image in images:
-                image_path = Path(image) if Path(image).is_absolute() else path.parent / image
-                if not image_path.is_file():
-                    raise FileNotFoundError(f"{path}: line {number}: image file {image_path} does not exist")
-                resolved.append(str(image_path))
+            resolved = [resolve_image(image, str(path.parent), f"{path}: line {number}") for image in images]
             responses = row.get("responses")
             if responses is not None and (not isinstance(responses, list)
                                           or not all(isinstance(r, str) for r in responses)):
@@ -173,7 +170,7 @@ class Generator:
 
     def __init__(self, args: BuildMPODataArguments, device):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoConfig, AutoProcessor
 
         self.args = args
         self.processor = AutoProcessor.from_pretrained(args.policy_model_name_or_path)
@@ -184,8 +181,7 @@ class Generator:
             self.sampling = SamplingParams(n=args.num_responses, temperature=args.temperature, top_p=args.top_p,
                                            max_tokens=args.max_new_tokens)
             return
-        config = AutoConfig.from_pretrained(args.policy_model_name_or_path)
-        auto = AutoModelForImageTextToText if type(config) in AutoModelForImageTextToText._model_mapping else AutoModelForCausalLM
+        auto = auto_class(AutoConfig.from_pretrained(args.policy_model_name_or_path))
         dtype = args.dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         self.model = auto.from_pretrained(args.policy_model_name_or_path, dtype=dtype).to(device).eval()
 
@@ -339,9 +335,6 @@ def main(args: BuildMPODataArguments) -> dict | None:
     scored = score_prompts(args, rows, state)  # every process returns when all are done
     if not state.is_main_process:
         return None
-    missing = [row["row"] for row in rows if row["row"] not in scored]
-    if missing:
-        raise RuntimeError(f"{len(missing)} prompts were not scored (first: row {missing[0]}); rerun to resume")
     pairs, report = build_pairs(args, rows, scored)
     Dataset.from_list(pairs, features=PAIR_FEATURES).to_parquet(str(output_dir / PAIRS_FILE))
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")

@@ -19,11 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
 from datasets import load_dataset
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, set_seed
+from transformers import AutoConfig, AutoProcessor, set_seed
 from trl import DPOConfig, DPOTrainer, ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from heads import find_vision_tower
 from heads.freezing import count_parameters, find_projectors
+from heads.value_head import auto_class
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ class MPOArguments:
 
 
 def load_policy(model_config: ModelConfig):
-    config = AutoConfig.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision)
-    auto = AutoModelForImageTextToText if type(config) in AutoModelForImageTextToText._model_mapping else AutoModelForCausalLM
+    auto = auto_class(AutoConfig.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision))
     quantization = get_quantization_config(model_config)  # --load_in_4bit / 8bit (QLoRA), as TRL's scripts
     return auto.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision,
                                 dtype=model_config.dtype, attn_implementation=model_config.attn_implementation,
