@@ -32,9 +32,14 @@ def find_projectors(model: nn.Module) -> list[nn.Module]:
     return [module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
 
 
+def numel(parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 left only this rank's partition (`ds_numel`)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    frozen = sum(numel(p) for p in model.parameters() if not p.requires_grad)
     return trainable, frozen
 
 
@@ -64,9 +69,9 @@ def apply_freezing(reward_model: nn.Module, args: RewardModelArguments) -> dict[
     counts = {
         "trainable": trainable,
         "frozen": frozen,
-        "vision_tower": sum(p.numel() for p in vision_tower.parameters()) if vision_tower is not None else 0,
-        "projector": sum(p.numel() for module in projectors for p in module.parameters()),
-        "value_head": sum(p.numel() for p in reward_model.v_head.parameters()),
+        "vision_tower": sum(numel(p) for p in vision_tower.parameters()) if vision_tower is not None else 0,
+        "projector": sum(numel(p) for module in projectors for p in module.parameters()),
+        "value_head": sum(numel(p) for p in reward_model.v_head.parameters()),
     }
     logger.info(
         "Parameters: %s trainable, %s frozen (vision tower %s%s, projector %s%s, value head %s)",

@@ -10,8 +10,12 @@ the token embeddings and before the language model: ZeRO-3 gathers each module o
 
 It runs only when torch.distributed has more than one process, the only case in which ranks can disagree; a
 single process (scoring, evaluation, one-GPU training) pays nothing.
+
+`check_launch` stops a run whose launcher asked for something that accelerate did not set up (FSDP that became DDP,
+several processes that each train alone): such a run would otherwise train in another way than asked, silently.
 """
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -80,3 +84,26 @@ def vision_tower_before_language_model(backbone: nn.Module, device, enabled: boo
         yield zeros
     finally:
         handle.remove()
+
+
+def check_launch(state) -> None:
+    """Raises when the accelerate state (`AcceleratorState`) is not what `accelerate launch` asked for."""
+    for engine, flag in (("DEEPSPEED", "ACCELERATE_USE_DEEPSPEED"), ("FSDP", "ACCELERATE_USE_FSDP")):
+        if os.environ.get(flag, "false").lower() == "true" and state.distributed_type.name != engine:
+            raise RuntimeError(
+                f"The accelerate config asks for {engine} (distributed_type: {engine}, so accelerate launch set "
+                f"{flag}=true), but accelerate set up {state.distributed_type.name} with {state.num_processes} "
+                f"process(es): the run would train without {engine}, every process holding the whole model. "
+                + ("accelerate enables FSDP on GPUs only. " if engine == "FSDP" else "")
+                + "Fix: launch on GPUs without --cpu / use_cpu: true in the accelerate config, or launch with "
+                "recipes/accelerate_configs/ddp.yaml to train unsharded on purpose."
+            )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and state.num_processes != world_size:
+        raise RuntimeError(
+            f"{world_size} processes were launched (WORLD_SIZE={world_size}), but accelerate set up "
+            f"{state.distributed_type.name} with {state.num_processes} process(es): each process would train alone "
+            "and all of them would write the same output_dir. This happens when the accelerate config is for GPUs "
+            "(use_cpu: false) on a machine where torch sees none. Fix: on GPUs, check that torch sees them "
+            "(CUDA_VISIBLE_DEVICES); on CPU, train with --use_cpu true (DDP over gloo) and recipes/accelerate_configs/ddp.yaml."
+        )

@@ -17,6 +17,7 @@ from trl import RewardConfig, RewardTrainer
 
 from collators import PairCollator
 
+from .sharding import check_launch
 from .value_head import VALUE_HEAD_FILE
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class VLRewardTrainer(RewardTrainer):
         )
         self.processing_class = processing_class
         self._throughput = {"pairs": 0, "tokens": 0, "start": None}
+        check_launch(self.accelerator.state)  # FSDP or DeepSpeed asked for and not set up: stop, never train otherwise
+        if self.is_deepspeed_enabled:
+            # DeepSpeed flattens (ZeRO-3: partitions) the parameters into buffers of one dtype: the head is stored
+            # as the backbone is, while its fp32 master copy lives in the optimizer and the reward is still fp32.
+            model.v_head.to(model.pretrained_model.dtype)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Rows were checked and measured by collators.load_preference_mixture; PairCollator renders them.

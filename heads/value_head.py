@@ -20,6 +20,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
@@ -32,15 +33,25 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # older LLaMA-Factory / TRL saves
 
 
+class Float32Linear(nn.Linear):
+    """A Linear that computes in fp32, autocast or not, whatever dtype its input and its stored weights have."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(input.device.type, enabled=False):
+            return F.linear(input.float(), self.weight.float(), self.bias.float())
+
+
 class ValueHead(nn.Module):
-    """Linear(hidden, 1), kept under the name `summary` for the checkpoint layout. Always fp32."""
+    """Linear(hidden, 1), kept under the name `summary` for the checkpoint layout. The reward is computed in fp32;
+    the weights are stored in fp32 too, unless an engine needs every parameter in the backbone's dtype
+    (DeepSpeed, see VLRewardTrainer), which then keeps the fp32 master copy in its optimizer."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.summary = nn.Linear(hidden_size, 1, dtype=torch.float32)
+        self.summary = Float32Linear(hidden_size, 1, dtype=torch.float32)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.summary(hidden_states.to(self.summary.weight.dtype)).squeeze(-1)
+        return self.summary(hidden_states).squeeze(-1)
 
 
 @dataclass
@@ -98,6 +109,16 @@ def load_value_head_state(file: str, hidden_size: int | None = None) -> dict[str
     return {key.removeprefix("v_head."): state[key] for key in expected}
 
 
+def keep_used_weight_conversions(model: nn.Module) -> None:
+    """A save writes the key names of the checkpoint it was loaded from, by reverting the renamings that loading
+    applied. transformers 5.23's ZeRO-3 loading records every renaming of the family, applied or not, and its save
+    then reverts renamings that never happened (`model.language_model.layers.*` saved as `model.model.layers.*`).
+    Keep only those that applied, as the one-process loading does."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+
+
 def check_model_path(path: str | os.PathLike) -> None:
     """A clear error for a local path that is not a model, before transformers calls it a bad repo id."""
     text = str(path)
@@ -145,6 +166,7 @@ class ValueHeadRewardModel(nn.Module):
             )
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=model_kwargs.get("trust_remote_code", False))
         base = auto_class(config).from_pretrained(path, revision=revision, **model_kwargs)
+        keep_used_weight_conversions(base)
         model = cls(base)
         if head_file is not None:
             model.v_head.load_state_dict(load_value_head_state(head_file, _hidden_size(config)))
