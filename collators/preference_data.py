@@ -106,11 +106,11 @@ def _image_entry(image, base_dir: str | None) -> dict:
     return {"bytes": None, "path": str(path)}
 
 
-def _is_empty(messages: list[dict]) -> bool:
+def is_empty(messages: list[dict]) -> bool:
     return not any((part["text"] or "").strip() or part["type"] == "image" for m in messages for part in m["content"])
 
 
-def _message_problem(value) -> str | None:
+def message_problem(value) -> str | None:
     """What makes `value` neither a string nor a list of chat messages (None when it is one)."""
     if isinstance(value, str):
         return None
@@ -151,7 +151,7 @@ class RowChecker:
     def normalise(self, row: dict, out: dict) -> tuple[str, str] | None:
         """Fills `out` with the canonical form of `row`, or says which field has the wrong type."""
         for field_name, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
-            problem = _message_problem(row[field_name])
+            problem = message_problem(row[field_name])
             if problem:
                 return f"bad_{'prompt' if field_name == 'prompt' else 'response'}", f"{field_name}: {problem}"
             out[field_name] = to_messages(row[field_name], role)
@@ -183,10 +183,10 @@ class RowChecker:
                 resized.append(self.renderer.load_image(decoded))
             except Exception as error:
                 return "unusable_image", f"image {where} cannot be resized for the model ({error})"
-        if _is_empty(row["prompt"]) and not row["images"]:
+        if is_empty(row["prompt"]) and not row["images"]:
             return "empty_prompt", "the prompt is empty"
         for side in ("chosen", "rejected"):
-            if _is_empty(row[side]):
+            if is_empty(row[side]):
                 return "empty_response", f"the {side} response is empty"
         if row["chosen"] == row["rejected"]:
             return "identical_responses", "chosen and rejected are identical"

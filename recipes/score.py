@@ -5,10 +5,14 @@ Input, one JSON object per line:
     prompt      a string, or chat messages
     response    one response (string or assistant messages)  -> the output line adds `score`
     responses   a list of candidates                          -> adds `scores`, `best_index` and `best`
+Every line is checked before any scoring, as the training data is (prompt and responses are strings or chat
+messages, not empty; images a list of existing files); an error names the line (1-based, as editors count).
 Output: the input lines, in order, with those fields added. Rewards come from the forward pass of training
 (`RewardScorer`), in batches of similar length; bf16 on GPU; the pixel budget the model was trained with. Scores
-are kept as they are made (in <output>.progress.jsonl): an interrupted run, or one stopped by a bad line, resumes
-when rerun. What produced them (model, weights fingerprint, settings) is written to <output>.provenance.json.
+are kept as they are made (in <output>.progress.jsonl), each under a hash of its line's content (text, and images
+by their bytes): an interrupted run, or one stopped by a bad line, resumes when rerun, even on an input edited,
+reordered or grown since (only new or changed lines are scored). What produced them (model, weights fingerprint,
+settings) is written to <output>.provenance.json.
 Under `torchrun --nproc_per_node N` (or `accelerate launch`) every process scores a share of the lines.
 
     python recipes/score.py --model_name_or_path Skywork/Skywork-VL-Reward-7B \
@@ -26,9 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from trl import TrlParser
 
-from collators import open_image
-from recipes.eval.benchmark import ScorerArguments, load_scorer, resolve_image
-from recipes.eval.resumable import process_state, provenance_file, score_resumably
+from collators import open_image, to_messages
+from collators.preference_data import is_empty, message_problem
+from recipes.eval.benchmark import ScorerArguments, load_scorer
+from recipes.shared.images import image_digest, resolve_image
+from recipes.shared.resumable import content_key, process_state, provenance_file, score_resumably
 
 logger = logging.getLogger(__name__)
 LINES_PER_WRITE = 32  # an interruption loses at most this many scored lines
@@ -45,7 +51,11 @@ class ScoreFileArguments(ScorerArguments):
 def line_images(line: dict, base_dir: str, where: str) -> list:
     if "image" in line and "images" in line:
         raise ValueError(f"{where}: give `image` or `images`, not both")
-    images = line.get("images") or ([] if line.get("image") is None else [line["image"]])
+    images = line.get("images")
+    if images is None:
+        images = [] if line.get("image") is None else [line["image"]]
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        raise ValueError(f"{where}: `image` must be a path or null, `images` a list of paths; got {images!r:.80}")
     return [resolve_image(image, base_dir, where) for image in images]
 
 
@@ -57,6 +67,28 @@ def line_responses(line: dict, where: str) -> list:
     if not isinstance(line["responses"], list) or not line["responses"]:
         raise ValueError(f"{where}: `responses` must be a non-empty list")
     return line["responses"]
+
+
+def read_line(line, base_dir: str, where: str) -> dict:
+    """A line as work to score, checked field by field as the training data is (collators/preference_data.py)."""
+    if not isinstance(line, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(line).__name__}")
+    if "prompt" not in line:
+        raise ValueError(f"{where}: missing `prompt`")
+    responses = line_responses(line, where)
+    named = [("prompt", line["prompt"], "user")] + [
+        ("response" if "response" in line else f"responses[{i}]", response, "assistant")
+        for i, response in enumerate(responses)]
+    for name, value, _ in named:
+        problem = message_problem(value)
+        if problem:
+            raise ValueError(f"{where}: `{name}`: {problem}")
+    images = line_images(line, base_dir, where)
+    for name, value, role in named:
+        if is_empty(to_messages(value, role)) and not (name == "prompt" and images):
+            raise ValueError(f"{where}: `{name}` is empty (no text{' and no image' if name == 'prompt' else ''})")
+    key = content_key(prompt=line["prompt"], responses=responses, images=[image_digest(image) for image in images])
+    return {"key": key, "where": where, "images": images, "prompt": line["prompt"], "responses": responses}
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -93,7 +125,7 @@ def score_lines(scorer, works: list[dict]) -> list[dict]:
         raise
     records, start = [], 0
     for work in works:
-        records.append({"line": work["line"], "scores": scores[start:start + len(work["responses"])]})
+        records.append({"key": work["key"], "scores": scores[start:start + len(work["responses"])]})
         start += len(work["responses"])
     return records
 
@@ -101,13 +133,7 @@ def score_lines(scorer, works: list[dict]) -> list[dict]:
 def main(args: ScoreFileArguments) -> list[dict]:
     input_file = Path(args.input)
     numbered = read_jsonl(input_file)
-    works = []
-    for number, line in numbered:
-        where = f"{args.input} line {number}"
-        if "prompt" not in line:
-            raise ValueError(f"{where}: missing `prompt`")
-        works.append({"line": number, "where": where, "images": line_images(line, str(input_file.parent), where),
-                      "prompt": line["prompt"], "responses": line_responses(line, where)})
+    works = [read_line(line, str(input_file.parent), f"{args.input} line {number}") for number, line in numbered]
     output = Path(args.output)
     if not works:
         logger.warning("%s holds no lines to score; %s is written empty", args.input, args.output)
@@ -115,12 +141,12 @@ def main(args: ScoreFileArguments) -> list[dict]:
         # Scores are appended to <output>.progress.jsonl as they are made, so an interrupted run resumes.
         scorer = load_scorer(args)
         progress = output.parent / f"{output.stem}.progress.jsonl"
-        scored = score_resumably(progress, "line", [(work["line"], work) for work in works],
+        scored = score_resumably(progress, [(work["key"], work) for work in works],
                                  lambda chunk: score_lines(scorer, chunk), provenance=scorer.provenance(),
                                  overwrite=args.overwrite, per_write=LINES_PER_WRITE, desc="Scoring lines")
     lines = []
-    for number, line in numbered:
-        line_scores = scored[number]["scores"]
+    for (_, line), work in zip(numbered, works):
+        line_scores = scored[work["key"]]["scores"]
         if "response" in line:
             line["score"] = line_scores[0]
         else:

@@ -31,7 +31,7 @@ from recipes import score as score_cli  # noqa: E402
 from recipes import stage1  # noqa: E402
 from recipes.eval import rewardbench as rb  # noqa: E402
 from recipes.eval.benchmark import PREDICTIONS_FILE, read_predictions  # noqa: E402
-from recipes.eval.resumable import StaleRecordsError  # noqa: E402
+from recipes.shared.resumable import StaleRecordsError  # noqa: E402
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -186,12 +186,70 @@ def test_score_cli_keeps_what_it_scored_before_a_bad_image_and_resumes(models, d
     assert not (output.parent / "scored.progress.jsonl").exists()
 
 
+SCORE_LINES = [{"image": f"img/{colour}.png", "prompt": f"Colour {i}?", "responses": [colour, "green", f"{i}"]}
+               for i, colour in enumerate(["red", "blue", "red", "blue", "red"])]
+# How the input changed between an interrupted run (lines 1-2 scored) and its rerun -> the prompts the rerun scores.
+CHANGED_INPUTS = {
+    "a line inserted at the top": (lambda lines: [dict(lines[0], prompt="New?")] + lines,
+                                   ["New?", "Colour 2?", "Colour 3?", "Colour 4?"]),
+    "reordered": (lambda lines: lines[::-1], ["Colour 4?", "Colour 3?", "Colour 2?"]),
+    "a response edited": (lambda lines: [dict(lines[0], responses=["red", "blue", "0"]), *lines[1:]],
+                          ["Colour 0?", "Colour 2?", "Colour 3?", "Colour 4?"]),
+    "a field that is not scored edited": (lambda lines: [dict(lines[0], note="checked"), *lines[1:]],
+                                          ["Colour 2?", "Colour 3?", "Colour 4?"]),
+    "grown": (lambda lines: lines + [dict(lines[1], prompt="More?")], ["Colour 2?", "Colour 3?", "Colour 4?", "More?"]),
+    "an image replaced under its name": (None, ["Colour 0?", "Colour 2?", "Colour 3?", "Colour 4?"]),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGED_INPUTS))
+def test_score_cli_resume_gives_every_line_its_own_scores(models, data_dir, monkeypatch, change):
+    """Interrupted after two lines, then rerun on a changed input: each line gets the scores of its own content."""
+    for colour in ("red", "blue"):
+        Image.new("RGB", (56, 56), colour).save(data_dir / "img" / f"{colour}.png")
+    requests = write_jsonl(data_dir / "in.jsonl", SCORE_LINES)
+    output = data_dir / "out" / "scored.jsonl"
+    args = score_cli.ScoreFileArguments(model_name_or_path=str(models[0]), input=str(requests), output=str(output))
+    monkeypatch.setattr(score_cli, "LINES_PER_WRITE", 2)
+    original, scored = RewardScorer.score, []
+
+    def interrupted_after_one_write(self, items, progress=False):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(items)
+        return original(self, items)
+
+    monkeypatch.setattr(RewardScorer, "score", interrupted_after_one_write)
+    with pytest.raises(KeyboardInterrupt):
+        score_cli.main(args)
+    edit, rescored = CHANGED_INPUTS[change]
+    if edit is None:
+        Image.new("RGB", (56, 56), "green").save(data_dir / "img" / "red.png")
+        lines = SCORE_LINES
+    else:
+        lines = edit(SCORE_LINES)
+    write_jsonl(requests, lines)
+    monkeypatch.setattr(RewardScorer, "score", lambda self, items, progress=False: scored.extend(items)
+                        or original(self, items))
+    scored.clear()
+    result = score_cli.main(args)
+    assert list(dict.fromkeys(item["prompt"] for item in scored)) == rescored
+    fresh = original(RewardScorer.from_pretrained(str(models[0])), [
+        {"images": [str(data_dir / line["image"])], "prompt": line["prompt"], "response": response}
+        for line in lines for response in line["responses"]])
+    assert [score for line in result for score in line["scores"]] == pytest.approx(fresh, abs=1e-5)
+    assert [line["prompt"] for line in result] == [line["prompt"] for line in lines]
+
+
 def test_score_cli_refuses_progress_of_another_model(models, data_dir):
     requests = write_jsonl(data_dir / "in.jsonl", [{"prompt": "Hi", "response": "Hello"}] * 3)
     output = data_dir / "scored.jsonl"
-    write_jsonl(data_dir / "scored.progress.jsonl", [{"line": 1, "scores": [0.0]}])  # left by an interrupted run
+    write_jsonl(data_dir / "scored.progress.jsonl", [{"line": 1, "scores": [0.0]}])  # an earlier version's progress
     args = score_cli.ScoreFileArguments(model_name_or_path=str(models[0]), input=str(requests), output=str(output))
-    with pytest.raises(StaleRecordsError, match=r"--overwrite true"):
+    with pytest.raises(StaleRecordsError, match=r"keyed by line number .* --overwrite true"):
+        score_cli.main(args)
+    write_jsonl(data_dir / "scored.progress.jsonl", [{"key": "0" * 64, "scores": [0.0]}])  # left by an interrupted run
+    with pytest.raises(StaleRecordsError, match=r"no record of what produced them.* --overwrite true"):
         score_cli.main(args)
     args.overwrite = True
     lines = score_cli.main(args)
@@ -266,7 +324,7 @@ def test_evaluator_and_score_cli_share_rows_across_two_processes(models, tmp_pat
                       "--output_dir", str(tmp_path / "eval2"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "eval2" / PREDICTIONS_FILE).read_text().splitlines()
-    assert [json.loads(line)["row"] for line in lines] == list(range(len(rows)))  # each row once, in order
+    assert [json.loads(line)["id"] for line in lines] == [row["id"] for row in rows]  # each row once, in order
     single = rb.main(rewardbench_args(models[0], data, tmp_path / "eval1"))
     two = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert two["categories"] == single["categories"]

@@ -171,7 +171,12 @@ def test_correct_means_strictly_higher_reward_for_the_preferred_response(tmp_pat
     result = score_pairs(scorer, pairs, tmp_path)
     assert [p["correct"] for p in result] == [False, True, True, False]  # a tie is wrong
     assert result[2]["scores"] == [0.5, 2.0] and result[2]["preferred"] == 1
-    assert read_predictions(tmp_path / PREDICTIONS_FILE) == result
+    assert read_predictions(tmp_path / PREDICTIONS_FILE) == [without_row(p) for p in result]
+
+
+def without_row(prediction: dict) -> dict:
+    """A prediction as the file holds it: keyed by content; the row is where the benchmark has it now."""
+    return {key: value for key, value in prediction.items() if key != "row"}
 
 
 def test_resume_scores_only_the_missing_rows(tmp_path):
@@ -185,16 +190,43 @@ def test_resume_scores_only_the_missing_rows(tmp_path):
     scorer = LookupScorer(rewards)
     assert score_pairs(scorer, pairs, tmp_path) == first
     assert scorer.scored == ["r4", "r5", "r6", "r7", "r8", "r9"]
-    assert read_predictions(path) == first
+    assert read_predictions(path) == [without_row(p) for p in first]
 
 
-def test_resume_refuses_predictions_of_another_dataset(tmp_path):
-    rewards = {"a": 1.0, "b": 0.0}
-    score_pairs(LookupScorer(rewards), make_pairs([(["a", "b"], 0)]), tmp_path)
-    other = make_pairs([(["a", "b"], 0)])
-    other[0]["id"] = "another-item"
-    with pytest.raises(ValueError, match="row 0 was scored for id 'item-0'"):
-        score_pairs(LookupScorer(rewards), other, tmp_path)
+def with_image(pair: dict, colour: str) -> dict:
+    return dict(pair, images=[{"bytes": png_bytes(colour), "path": None}])
+
+
+def renumbered(pairs: list[dict]) -> list[dict]:
+    return [dict(pair, row=row) for row, pair in enumerate(pairs)]
+
+
+# How the benchmark changed between an interrupted run and its rerun -> the responses the rerun scores.
+CHANGED_BENCHMARKS = {
+    "unchanged": (lambda pairs: pairs, []),
+    "reordered": (lambda pairs: renumbered(pairs[::-1]), []),
+    "a row inserted at the top": (lambda pairs: renumbered([dict(pairs[0], id="new", responses=["r8", "r9"])] + pairs),
+                                  ["r8", "r9"]),
+    "a response edited": (lambda pairs: [pairs[0], dict(pairs[1], responses=["r9", "r3"]), *pairs[2:]], ["r9", "r3"]),
+    "preferred flipped": (lambda pairs: [dict(pairs[0], preferred=1), *pairs[1:]], ["r0", "r1"]),
+    "an image replaced": (lambda pairs: [pairs[0], with_image(pairs[1], "blue"), *pairs[2:]], ["r2", "r3"]),
+    "another id at a row": (lambda pairs: [dict(pairs[0], id="other"), *pairs[1:]], ["r0", "r1"]),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGED_BENCHMARKS))
+def test_resume_follows_each_rows_content_not_its_position(tmp_path, change):
+    rewards = {f"r{i}": float(i) for i in range(10)}
+    pairs = make_pairs([([f"r{2 * i}", f"r{2 * i + 1}"], i % 2) for i in range(4)])
+    pairs[1] = with_image(pairs[1], "red")
+    score_pairs(LookupScorer(rewards), pairs, tmp_path / "out")
+    edit, rescored = CHANGED_BENCHMARKS[change]
+    changed = edit(pairs)
+    scorer = LookupScorer(rewards)
+    resumed = score_pairs(scorer, changed, tmp_path / "out")
+    assert scorer.scored == rescored
+    assert resumed == score_pairs(LookupScorer(rewards), changed, tmp_path / "fresh")  # every row its own scores
+    assert [p["row"] for p in resumed] == list(range(len(changed)))
 
 
 # --- fixtures in the benchmarks' real schemas ----------------------------------------------------------------------
@@ -275,7 +307,7 @@ def truncate_predictions(output_dir: Path, keep: int):
 
 # --- end-to-end runs -----------------------------------------------------------------------------------------------
 
-def test_vl_rewardbench_end_to_end_recompute_and_resume(reward_model, vl_rewardbench_parquet, tmp_path):
+def test_vl_rewardbench_end_to_end_recompute_and_resume(reward_model, vl_rewardbench_parquet, tmp_path, caplog):
     out = tmp_path / "out"
     args = vlrb.VLRewardBenchArguments(model_name_or_path=str(reward_model), dataset=str(vl_rewardbench_parquet),
                                        output_dir=str(out), batch_size=4)
@@ -288,9 +320,21 @@ def test_vl_rewardbench_end_to_end_recompute_and_resume(reward_model, vl_rewardb
 
     recomputed = vlrb.main(vlrb.VLRewardBenchArguments(dataset="unused", output_dir=str(out), recompute=True))
     assert recomputed == metrics
+    assert json.loads((out / "metrics.json").read_text())["coverage"] == {"items": 8, "rows": 8, "fraction": 1.0}
     assert json.loads((out / "metrics.json").read_text())["model"] == str(reward_model)
 
-    truncate_predictions(out, keep=3)
+    truncate_predictions(out, keep=3)  # an interrupted run: 3 of the 8 rows scored
+    recompute = vlrb.VLRewardBenchArguments(dataset="unused", output_dir=str(out), recompute=True)
+    with pytest.raises(ValueError, match=r"predictions for 3 of the 8 rows .* --allow_partial true"):
+        vlrb.main(recompute)
+    recompute.allow_partial = True
+    with caplog.at_level("WARNING"):
+        partial = vlrb.main(recompute)
+    assert "PARTIAL METRICS" in caplog.text and "37.5% of the benchmark" in caplog.text
+    assert partial["Overall Accuracy"] == vlrb.vl_rewardbench_metrics(live[:3])["Overall Accuracy"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["coverage"] == {"items": 3, "rows": 8, "fraction": 0.375}
+    assert "PARTIAL: 3 of 8 items" in (out / "results.md").read_text()
     assert vlrb.main(args) == metrics
     resumed = read_predictions(out / PREDICTIONS_FILE)
     assert [p["id"] for p in resumed] == VLRB_IDS

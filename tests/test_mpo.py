@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer, ValueHeadRewardModel, find_vision_tower  # noqa: E402
 from heads.freezing import find_projectors  # noqa: E402
-from recipes.eval.resumable import StaleRecordsError  # noqa: E402
+from recipes.shared.resumable import StaleRecordsError  # noqa: E402
 from recipes.mpo import build_mpo_data  # noqa: E402
 from recipes.mpo.build_mpo_data import BuildMPODataArguments, choose_pair, is_correct  # noqa: E402
 from recipes.mpo.mpo import MPOArguments, MPOConfig  # noqa: E402
@@ -159,11 +159,44 @@ def test_build_mpo_data_refuses_scores_of_another_reward_model(reward_model, tin
     assert len(after) == 3 and after != before
     assert json.loads((tmp_path / "out" / "scored.provenance.json").read_text())["model"] == str(other)
 
-    # Another input file under the same output_dir: a clear error before any scoring.
-    prompts.write_text(prompts.read_text().replace('"c1"', '"renamed"'))
-    rerun.overwrite = False
-    with pytest.raises(ValueError, match="another input file"):
-        build_mpo_data.main(rerun)
+
+
+def test_build_mpo_data_resume_takes_each_prompts_own_scores(reward_model, tmp_path, monkeypatch):
+    """Rows without `id`, a run interrupted after two prompts, then a prompt inserted at the top: every pair keeps
+    its own prompt's responses and rewards (by line number, most took another prompt's)."""
+    prompts = write_prompts(tmp_path)
+    rows = [{k: v for k, v in json.loads(line).items() if k != "id"} for line in prompts.read_text().splitlines()]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = BuildMPODataArguments(input=str(prompts), reward_model=str(reward_model), output_dir=str(tmp_path / "out"),
+                                 prompts_per_write=2, require_correct=False)
+    original, scored = RewardScorer.score, []
+
+    def interrupted_after_one_write(self, items, progress=False):
+        if scored:
+            raise KeyboardInterrupt
+        scored.append(items)
+        return original(self, items, progress)
+
+    monkeypatch.setattr(RewardScorer, "score", interrupted_after_one_write)
+    with pytest.raises(KeyboardInterrupt):
+        build_mpo_data.main(args)
+    new = {"images": ["2.png"], "prompt": "Which colour is it?", "responses": ["green", "The shape is red."]}
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [new, *rows]))
+    scored.clear()
+    monkeypatch.setattr(RewardScorer, "score", lambda self, items, progress=False: scored.extend(items)
+                        or original(self, items, progress))
+    build_mpo_data.main(args)
+    # The new prompt and the four not reached, never the two scored before (now rows 1 and 2).
+    assert list(dict.fromkeys(item["prompt"] for item in scored)) == [new["prompt"]] + [row["prompt"] for row in rows[2:]]
+    assert len(scored) == 2 + 3 + 2 + 2 + 3
+    fresh_dir = tmp_path / "fresh"
+    build_mpo_data.main(BuildMPODataArguments(**{**vars(args), "output_dir": str(fresh_dir)}))
+    resumed = load_dataset("parquet", data_files=str(tmp_path / "out" / "pairs.parquet"), split="train").to_list()
+    fresh = load_dataset("parquet", data_files=str(fresh_dir / "pairs.parquet"), split="train").to_list()
+    assert len(resumed) == len(fresh) == 6
+    for a, b in zip(resumed, fresh):
+        assert (a["prompt"], a["chosen"], a["rejected"]) == (b["prompt"], b["chosen"], b["rejected"])
+        assert a["chosen_reward"] == pytest.approx(b["chosen_reward"], abs=1e-5)
 
 
 def test_build_mpo_data_shares_prompts_across_two_processes(reward_model, tmp_path):
@@ -185,7 +218,8 @@ def test_build_mpo_data_shares_prompts_across_two_processes(reward_model, tmp_pa
         raise
     assert process.returncode == 0, stderr[-3000:]
     lines = (tmp_path / "out" / "scored.jsonl").read_text().splitlines()
-    assert [json.loads(line)["row"] for line in lines] == list(range(6))  # each row once, in order
+    ids = [json.loads(line)["id"] for line in prompts.read_text().splitlines()]
+    assert [json.loads(line)["id"] for line in lines] == ids  # each row once, in order
     assert not list((tmp_path / "out").glob("scored.part-*.jsonl"))
     assert json.loads((tmp_path / "out" / "report.json").read_text())["prompts_in"] == 6
 

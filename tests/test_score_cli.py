@@ -128,17 +128,35 @@ def test_command_line_flags(release_layout, images):
     assert [("best" in line, "score" in line) for line in lines] == [(True, False), (False, True), (True, False)]
 
 
-@pytest.mark.parametrize("line, error", [
-    ({"prompt": "q", "response": "a", "responses": ["a", "b"]}, "line 1: give exactly one of `response`"),
-    ({"prompt": "q", "responses": []}, "line 1: `responses` must be a non-empty list"),
-    ({"response": "a"}, "line 1: missing `prompt`"),
-    ({"prompt": "q", "image": "images/none.png", "response": "a"}, r"line 1: image file .*none.png does not exist"),
-])
-def test_bad_input_lines_are_named(tmp_path, line, error):
-    path = tmp_path / "in.jsonl"
-    path.write_text(json.dumps(line) + "\n")
-    with pytest.raises((ValueError, FileNotFoundError), match=error):
-        score_cli.main(score_cli.ScoreFileArguments(input=str(path), output=str(tmp_path / "out.jsonl")))
+NOT_MESSAGES = "expected a string or a list of chat messages"
+BAD_LINES = [  # line 2 of the input -> the error, which names it; each was a raw TypeError or KeyError before
+    ({"prompt": None, "response": "a"}, rf"line 2: `prompt`: {NOT_MESSAGES}, got NoneType"),
+    ({"prompt": 3, "response": "a"}, rf"line 2: `prompt`: {NOT_MESSAGES}, got int"),
+    ({"prompt": [{"content": "q"}], "response": "a"}, r"line 2: `prompt`: message 0 is not a \{role, content\} dict"),
+    ({"prompt": "q", "response": None}, rf"line 2: `response`: {NOT_MESSAGES}, got NoneType"),
+    ({"prompt": "q", "responses": ["a", {"text": "b"}]}, rf"line 2: `responses\[1\]`: {NOT_MESSAGES}, got dict"),
+    ({"prompt": "q", "response": "a", "responses": ["a", "b"]}, "line 2: give exactly one of `response`"),
+    ({"prompt": "q", "responses": []}, "line 2: `responses` must be a non-empty list"),
+    ({"prompt": "q", "responses": "a"}, "line 2: `responses` must be a non-empty list"),
+    ({"response": "a"}, "line 2: missing `prompt`"),
+    ({"prompt": " ", "response": "a"}, r"line 2: `prompt` is empty \(no text and no image\)"),
+    ({"prompt": "q", "responses": ["a", ""]}, r"line 2: `responses\[1\]` is empty"),
+    ({"prompt": "q", "images": "images/red.png", "response": "a"}, r"line 2: .*`images` a list of paths"),
+    ({"prompt": "q", "images": [None], "response": "a"}, r"line 2: .*`images` a list of paths"),
+    ({"prompt": "q", "image": 5, "response": "a"}, r"line 2: `image` must be a path or null"),
+    ({"prompt": "q", "image": "images/red.png", "images": [], "response": "a"}, "line 2: give `image` or `images`"),
+    ({"prompt": "q", "image": "images/none.png", "response": "a"}, r"line 2: image file .*none.png does not exist"),
+    (["q", "a"], "line 2: expected a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("line, error", BAD_LINES)
+def test_bad_input_lines_are_named_before_any_scoring(images, line, error):
+    path = images / "in.jsonl"
+    path.write_text(json.dumps({"image": "images/red.png", "prompt": "q", "response": "a"}) + "\n" + json.dumps(line))
+    with pytest.raises((ValueError, FileNotFoundError), match=error):  # no model: checked before one would load
+        score_cli.main(score_cli.ScoreFileArguments(input=str(path), output=str(images / "out.jsonl")))
+    assert not (images / "out.jsonl").exists()
 
 
 def test_invalid_json_is_named(tmp_path):

@@ -6,9 +6,11 @@ score(preferred) > score(other), strictly: a tie is wrong.
 
 Files written to --output_dir (use one directory per model: a rerun resumes from the predictions there, and
 refuses predictions that another model or other settings produced):
-    predictions.jsonl   one line per item: row, id, category, scores (response 0, response 1), preferred, correct
+    predictions.jsonl   one line per item: key (a hash of the item's content), id, category, scores (response 0,
+                        response 1), preferred, correct; in benchmark order
+    predictions.rows.json         the keys of the benchmark's rows, in order: what --recompute expects to find
     predictions.provenance.json   the model, a fingerprint of its weights, dtype, attention and pixel budget
-    metrics.json        the benchmark's metrics, in percent
+    metrics.json        the benchmark's metrics, in percent, and their coverage (items scored of the benchmark's rows)
     results.md          our row beside the published rows, and the accuracy of each category
     margins.png         distribution of score(preferred) - score(other) per category
 """
@@ -26,18 +28,20 @@ from matplotlib.figure import Figure
 from collators import PixelBudgetArguments
 from collators.preference_data import load_source
 from heads import RewardScorer
-from recipes.eval.resumable import (
+from recipes.shared.images import image_digest
+from recipes.shared.resumable import (
+    content_key,
     part_files,
     process_state,
     provenance_file,
     read_records,
     score_resumably,
-    unique_records,
 )
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
+ROWS_FILE = "predictions.rows.json"
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.md"
 MARGINS_PLOT = "margins.png"
@@ -63,7 +67,12 @@ class EvaluationArguments(ScorerArguments):
     output_dir: str = field(metadata={"help": "Where predictions, metrics, table and plot go; one per model."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
     recompute: bool = field(
-        default=False, metadata={"help": "Recompute the metrics from output_dir/predictions.jsonl; loads no model."},
+        default=False, metadata={"help": "Recompute the metrics from output_dir/predictions.jsonl; loads no model. "
+                                 "Refuses predictions that miss rows of the benchmark unless --allow_partial."},
+    )
+    allow_partial: bool = field(
+        default=False, metadata={"help": "With --recompute: compute metrics on the rows an interrupted run scored "
+                                 "(a loud warning, and the coverage in metrics.json and results.md)."},
     )
     overwrite: bool = field(
         default=False, metadata={"help": "Discard predictions in output_dir that another model or other settings "
@@ -107,22 +116,6 @@ def load_benchmark(
     return dataset, base_dir
 
 
-def resolve_image(image, base_dir: str | None, where: str):
-    """An image the renderer can open: embedded bytes as they are, a relative path joined to `base_dir`."""
-    if isinstance(image, dict):
-        if image.get("bytes"):
-            return image
-        image = image.get("path")
-    if image is None:
-        raise ValueError(f"{where}: the image is missing")
-    if isinstance(image, str):
-        if base_dir is not None and not os.path.isabs(image):
-            image = os.path.join(base_dir, image)
-        if not os.path.isfile(image):
-            raise FileNotFoundError(f"{where}: image file {image} does not exist")
-    return image
-
-
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     """The lines of a predictions file. A last line cut short by an interrupted run is left out (and rescored)."""
     return read_records(path)
@@ -133,10 +126,14 @@ def evaluate(args: EvaluationArguments, benchmark: str, load_pairs: Callable[[],
              notes: str = "") -> dict:
     """An evaluator's run: score the pairs `load_pairs` gives (or, with --recompute, read the predictions back),
     then the benchmark's metrics and the reports. Returns the metrics."""
-    predictions = recomputed_predictions(args.output_dir) if args.recompute else score_benchmark(args, load_pairs())
+    if args.recompute:
+        predictions, rows = recomputed_predictions(args.output_dir, args.allow_partial)
+    else:
+        predictions = score_benchmark(args, load_pairs())
+        rows = len(predictions)
     metrics = metrics_of(predictions)
     report = write_report(args.output_dir, benchmark, metrics, columns, published, predictions,
-                          args.model_name_or_path, notes)
+                          args.model_name_or_path, notes, rows)
     if report:  # the main process writes the reports
         print(report)
     return metrics
@@ -148,35 +145,52 @@ def score_benchmark(args: EvaluationArguments, pairs: Iterable[dict]) -> list[di
     return score_pairs(scorer, pairs, args.output_dir, provenance=scorer.provenance(), overwrite=args.overwrite)
 
 
-def recomputed_predictions(output_dir: str | os.PathLike) -> list[dict]:
-    """--recompute: each row once (the last line written for it) whatever the file's history, in row order."""
-    return unique_records(Path(output_dir) / PREDICTIONS_FILE, "row")
+def recomputed_predictions(output_dir: str | os.PathLike, allow_partial: bool = False) -> tuple[list[dict], int]:
+    """--recompute: the prediction of each row the last scoring run was asked for, in row order, and the number of
+    those rows. Predictions that miss some of them (an interrupted run) are refused unless `allow_partial`."""
+    path = Path(output_dir) / PREDICTIONS_FILE
+    rows_file = path.parent / ROWS_FILE
+    if not rows_file.is_file():
+        raise ValueError(f"{rows_file} does not exist: --recompute reads the rows a scoring run wrote there; run the "
+                         "evaluation with --model_name_or_path (it resumes from the predictions it can use)")
+    keys = json.loads(rows_file.read_text())["keys"]
+    records = {record.get("key"): record for file in [path, *part_files(path)] for record in read_records(file)}
+    predictions = [dict(records[key], row=row) for row, key in enumerate(keys) if key in records]
+    if len(predictions) < len(keys):
+        missing = (f"{path} holds predictions for {len(predictions)} of the {len(keys)} rows of the benchmark "
+                   "(its scoring run was interrupted)")
+        if not allow_partial:
+            raise ValueError(f"{missing}: rerun the evaluation without --recompute to finish it (it resumes), or "
+                             "pass --allow_partial true for metrics of those rows only")
+        logger.warning("PARTIAL METRICS: %s; the metrics cover %.1f%% of the benchmark and are not comparable to "
+                       "published numbers", missing, 100.0 * len(predictions) / len(keys))
+    return predictions, len(keys)
 
 
-def score_pairs(scorer, pairs: Iterable[dict], output_dir: str | os.PathLike, total: int | None = None,
-                provenance: dict | None = None, overwrite: bool = False) -> list[dict]:
+def pair_key(pair: dict) -> str:
+    """The pair's content: everything its prediction is made from (the images by their bytes), not its row."""
+    return content_key(id=pair["id"], category=pair["category"], prompt=pair["prompt"], responses=pair["responses"],
+                       preferred=pair["preferred"], images=[image_digest(image) for image in pair["images"]])
+
+
+def score_pairs(scorer, pairs: Iterable[dict], output_dir: str | os.PathLike, provenance: dict | None = None,
+                overwrite: bool = False) -> list[dict]:
     """Scores both responses of every pair and appends one prediction per pair to output_dir/predictions.jsonl.
 
     A pair is a dict: row (its index in the benchmark), id, category, images, prompt, responses (two), preferred
-    (0 or 1). Pairs already in the file (same row and id, same `provenance`) are not scored again, so an
-    interrupted run resumes; the pairs are shared out across processes (recipes/eval/resumable.py).
-    Returns the predictions of `pairs`, in their order.
+    (0 or 1). Pairs already in the file (the same content, same `provenance`) are not scored again, wherever they
+    are in the benchmark now, so an interrupted run resumes; the pairs are shared out across processes
+    (recipes/shared/resumable.py). Returns the predictions of `pairs`, in their order, with their row.
     """
     path = Path(output_dir) / PREDICTIONS_FILE
-    pairs = list(pairs)
-    if not overwrite:
-        done = {p["row"]: p for file in [path, *part_files(path)] for p in read_records(file)}
-        for pair in pairs:
-            previous = done.get(pair["row"])
-            if previous is not None and previous["id"] != pair["id"]:
-                raise ValueError(
-                    f"{path}: row {pair['row']} was scored for id {previous['id']!r} but the benchmark has "
-                    f"{pair['id']!r} there; these predictions come from another dataset: use another --output_dir"
-                )
-    done = score_resumably(path, "row", [(pair["row"], pair) for pair in pairs],
-                           lambda chunk: _score(scorer, chunk), provenance=provenance, overwrite=overwrite,
-                           per_write=PAIRS_PER_WRITE, desc="Scoring pairs")
-    return [done[pair["row"]] for pair in pairs]
+    pairs = [dict(pair, key=pair_key(pair)) for pair in pairs]
+    if process_state().is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (path.parent / ROWS_FILE).write_text(json.dumps({"keys": [pair["key"] for pair in pairs]}) + "\n")
+    done = score_resumably(path, [(pair["key"], pair) for pair in pairs], lambda chunk: _score(scorer, chunk),
+                           provenance=provenance, overwrite=overwrite, per_write=PAIRS_PER_WRITE,
+                           desc="Scoring pairs")
+    return [dict(done[pair["key"]], row=pair["row"]) for pair in pairs]
 
 
 def _score(scorer, pairs: list[dict]) -> list[dict]:
@@ -188,7 +202,7 @@ def _score(scorer, pairs: list[dict]) -> list[dict]:
         pair_scores = scores[2 * index: 2 * index + 2]
         preferred = pair["preferred"]
         predictions.append({
-            "row": pair["row"],
+            "key": pair["key"],
             "id": pair["id"],
             "category": pair["category"],
             "scores": pair_scores,
@@ -230,10 +244,12 @@ def write_report(
     predictions: list[dict],
     model: str | None,
     notes: str = "",
+    rows: int | None = None,
 ) -> str:
     """Writes metrics.json, results.md (our row beside `published`) and margins.png; returns the Markdown.
 
-    `metrics` holds a value (percent) for each of `columns` and per-category counts under "categories".
+    `metrics` holds a value (percent) for each of `columns` and per-category counts under "categories"; `rows` is
+    the number of rows of the benchmark (the predictions' count unless some are missing).
     """
     output_dir = Path(output_dir)
     if not predictions:
@@ -246,11 +262,16 @@ def write_report(
     scoring = json.loads(record.read_text()) if record.is_file() else None  # what produced the predictions
     if model is None:  # --recompute names the model that scored, never another
         model = (scoring or {}).get("model")
-    summary = {"benchmark": benchmark, "model": model, "items": len(predictions), **metrics, "scoring": scoring}
+    rows = len(predictions) if rows is None else rows
+    coverage = {"items": len(predictions), "rows": rows, "fraction": round(len(predictions) / rows, 4)}
+    summary = {"benchmark": benchmark, "model": model, "items": len(predictions), "coverage": coverage, **metrics,
+               "scoring": scoring}
     metrics_file.write_text(json.dumps(summary, indent=2) + "\n")
 
     model_name = Path(model).name if model else "this run"
     ours = f"**{model_name}** (ours, {len(predictions)} items)"
+    if len(predictions) < rows:
+        ours = f"**{model_name}** (ours, PARTIAL: {len(predictions)} of {rows} items)"
     lines = [f"# {benchmark}", "", "| Model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for name, values in published.items():
         lines.append(f"| {name} | " + " | ".join(_percent(value) for value in values) + " |")

@@ -31,8 +31,8 @@ from recipes.eval.benchmark import (
     accuracy,
     accuracy_by_category,
     evaluate,
-    resolve_image,
 )
+from recipes.shared.images import resolve_image
 
 FIELDS = ("ID", "Text", "Image", "Output1", "Output2", "Better", "Category")
 # The leaderboard's columns and the categories each one pools.

@@ -29,8 +29,8 @@ from recipes.eval.benchmark import (
     accuracy_by_category,
     evaluate,
     load_benchmark,
-    resolve_image,
 )
+from recipes.shared.images import resolve_image
 
 CATEGORY_OF_PREFIX = {
     "RLAIF": "rlaif-v",

@@ -15,15 +15,17 @@
 Writes to --output_dir: pairs.parquet in TRL's preference format with images (`images`, `prompt`, `chosen`,
 `rejected` as chat messages, the images embedded; plus `chosen_reward`, `rejected_reward`, `row`, `id`),
 report.json (prompts in, pairs out, drops per reason, margins, agreement of the pairs with the ground truth),
-margins.png, and scored.jsonl (one line per prompt: row, id, its responses and their rewards) with
+margins.png, and scored.jsonl (one line per prompt: key, id, its responses and their rewards) with
 scored.provenance.json (the reward model, a fingerprint of its weights, its settings, and what made the responses:
 the policy or "input responses", and the generation settings).
 
-A rerun resumes: prompts already in scored.jsonl are not generated or scored again; a rerun with another reward
-model or other generation settings stops and says so (--overwrite true discards the scores and starts afresh).
+A rerun resumes: prompts already in scored.jsonl are not generated or scored again. They are found by a hash of their
+content (id, prompt, images by their bytes, input responses), never by line number, so an input edited, reordered or
+grown since gets each prompt's own responses and rewards; a rerun with another reward model or other generation
+settings stops and says so (--overwrite true discards the scores and starts afresh).
 Under torchrun / accelerate launch the processes split the prompts still to score, each appends to its own part
 file (scored.part-<rank>.jsonl, folded into scored.jsonl at the end, or by the rerun of an interrupted run), and
-the main process builds the pairs (recipes/eval/resumable.py):
+the main process builds the pairs (recipes/shared/resumable.py):
 
     python recipes/mpo/build_mpo_data.py --input prompts.jsonl --reward_model Skywork/Skywork-VL-Reward-7B \
         --output_dir data/mpo
@@ -55,8 +57,8 @@ from collators import PixelBudgetArguments, to_messages
 from collators.conversation import conversation
 from heads import RewardScorer
 from heads.value_head import auto_class
-from recipes.eval.benchmark import resolve_image
-from recipes.eval.resumable import part_files, process_state, read_records, score_resumably
+from recipes.shared.images import image_digest, resolve_image
+from recipes.shared.resumable import content_key, part_files, process_state, read_records, score_resumably
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,9 @@ def read_prompts(path: str | Path, max_samples: int | None = None) -> list[dict]
             if responses is not None and (not isinstance(responses, list)
                                           or not all(isinstance(r, str) for r in responses)):
                 raise ValueError(f"{path}: line {number}: `responses` must be a list of strings")
-            rows.append({"row": len(rows), "id": str(row.get("id", len(rows))), "prompt": row["prompt"],
+            key = content_key(id=row.get("id"), prompt=row["prompt"], responses=responses,
+                              images=[image_digest(image) for image in resolved])
+            rows.append({"row": len(rows), "key": key, "id": str(row.get("id", len(rows))), "prompt": row["prompt"],
                          "images": resolved, "responses": responses, "answer": row.get("answer")})
     return rows
 
@@ -215,20 +219,6 @@ class Generator:
         return [[text.strip() for text in decoded[i * n:(i + 1) * n]] for i in range(len(rows))]
 
 
-def scored_rows(path: Path, rows: list[dict]) -> set[int]:
-    """The rows already scored in `path` (and the part files an interrupted run left), checked against the input."""
-    done = set()
-    for file in [path, *part_files(path)]:
-        for record in read_records(file):
-            row = record["row"]
-            if row < len(rows) and rows[row]["id"] != record["id"]:
-                raise ValueError(f"{file}: row {row} was scored for id {record['id']!r} but the input has "
-                                 f"{rows[row]['id']!r} there; these scores come from another input file: use another "
-                                 "--output_dir (or --overwrite true to discard them)")
-            done.add(row)
-    return done
-
-
 def candidates_provenance(args: BuildMPODataArguments, rows: list[dict]) -> dict:
     """What makes the responses that are scored: the input's own, or the policy and its generation settings."""
     if all(row["responses"] is not None for row in rows):
@@ -240,10 +230,11 @@ def candidates_provenance(args: BuildMPODataArguments, rows: list[dict]) -> dict
 
 def score_prompts(args: BuildMPODataArguments, rows: list[dict], state: PartialState) -> dict[int, dict]:
     """Generates (for rows without `responses`) and scores the prompts not yet in output_dir/scored.jsonl, shared
-    out across the processes; returns every prompt's record {row: {row, id, responses, rewards}}."""
+    out across the processes; returns every prompt's record {key: {key, id, responses, rewards}}."""
     path = Path(args.output_dir) / SCORED_FILE
-    done = set() if args.overwrite else scored_rows(path, rows)  # every process raises alike, before any scoring
-    missing = next((row for row in rows if row["row"] not in done and row["responses"] is None), None)
+    done = set() if args.overwrite else {record.get("key") for file in [path, *part_files(path)]
+                                         for record in read_records(file)}
+    missing = next((row for row in rows if row["key"] not in done and row["responses"] is None), None)
     if missing is not None and not args.policy_model_name_or_path:
         raise ValueError(f"{args.input}: row {missing['row']} has no `responses`; give them or a "
                          "--policy_model_name_or_path to generate them")
@@ -266,19 +257,19 @@ def score_prompts(args: BuildMPODataArguments, rows: list[dict], state: PartialS
         items = [{"images": row["images"], "prompt": row["prompt"], "response": response}
                  for row in chunk for response in row["responses"]]
         rewards = iter(scorer.score(items))
-        return [{"row": row["row"], "id": row["id"], "responses": row["responses"],
+        return [{"key": row["key"], "id": row["id"], "responses": row["responses"],
                  "rewards": [next(rewards) for _ in row["responses"]]} for row in chunk]
 
-    return score_resumably(path, "row", [(row["row"], row) for row in rows], score,
+    return score_resumably(path, [(row["key"], row) for row in rows], score,
                            provenance={**scorer.provenance(), **candidates_provenance(args, rows)},
                            overwrite=args.overwrite, per_write=args.prompts_per_write, desc="Scoring prompts")
 
 
-def build_pairs(args: BuildMPODataArguments, rows: list[dict], scored: dict[int, dict]) -> tuple[list[dict], dict]:
+def build_pairs(args: BuildMPODataArguments, rows: list[dict], scored: dict[str, dict]) -> tuple[list[dict], dict]:
     pairs, drops, margins = [], Counter(), []
     agree = with_answer = best_correct = 0
     for row in rows:
-        record = scored[row["row"]]
+        record = scored[row["key"]]
         responses, rewards = record["responses"], record["rewards"]
         correct = [is_correct(r, row["answer"]) for r in responses] if row["answer"] is not None else None
         if correct is not None and responses:
@@ -304,7 +295,7 @@ def build_pairs(args: BuildMPODataArguments, rows: list[dict], scored: dict[int,
         "prompts_in": len(rows),
         "pairs_out": len(pairs),
         "drops": {reason: drops[reason] for reason in DROP_REASONS},
-        "responses_scored": sum(len(scored[row["row"]]["responses"]) for row in rows),
+        "responses_scored": sum(len(scored[row["key"]]["responses"]) for row in rows),
         "margin": {"mean": float(np.mean(margins)), "median": float(np.median(margins)),
                    "min": float(np.min(margins)), "max": float(np.max(margins))} if margins else None,
         # With ground truth: how often the reward model's own pick is right, and how often a pair has a correct chosen

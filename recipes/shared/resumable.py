@@ -1,15 +1,20 @@
 """Scoring that survives interruptions and uses every process of a launch: the evaluators, score.py, MPO data.
 
-Records (JSON objects with a unique integer key, e.g. a benchmark row) are appended to a jsonl file as they are
-scored. Under `accelerate launch` / `torchrun` the missing records are split across the processes; each appends
-to its own part file (`<name>.part-<rank>.jsonl`) and the main process folds the parts into the file once, so a
-row is written once whatever the number of processes. A rerun (with any number of processes) resumes from the file
+Records (JSON objects) are appended to a jsonl file as they are scored, each under the key of the input row it
+scores: a hash of that row's content (`content_key`: the text, and the images by their bytes), never its position.
+An input that was edited, reordered or grown since gets, for every row, the record of exactly that content: rows
+scored before are reused wherever they now are, and new or changed rows are scored.
+
+Under `accelerate launch` / `torchrun` the missing records are split across the processes; each appends to its own
+part file (`<name>.part-<rank>.jsonl`) and the main process folds the parts into the file once, so a row is
+written once whatever the number of processes. A rerun (with any number of processes) resumes from the file
 and from the parts an interrupted run left.
 
 What produced the records (the model, a fingerprint of its weights, the scoring settings) is kept beside them in
 `<name>.provenance.json`: a rerun with anything different refuses to reuse them and says how to start afresh.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -33,6 +38,12 @@ class StaleRecordsError(ValueError):
     """The file holds records made by another model or other settings."""
 
 
+def content_key(**fields) -> str:
+    """sha256 of `fields` as canonical JSON: pass everything a record is made from (the images as their
+    `image_digest`), so that two rows share a key only when they share their record."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def read_records(path: str | os.PathLike) -> list[dict]:
     """The lines of a records file. A last line cut short by an interrupted run is left out (and scored again)."""
     path = Path(path)
@@ -53,11 +64,6 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def unique_records(path: str | os.PathLike, key: str) -> list[dict]:
-    """One record per key (the last written wins), sorted by key: what a file means whatever its history."""
-    return sorted({record[key]: record for record in read_records(path)}.values(), key=lambda record: record[key])
-
-
 def part_files(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.stem}.part-*.jsonl"))
 
@@ -71,9 +77,14 @@ def check_provenance(path: Path, provenance: dict | None, overwrite: bool) -> No
     if provenance is None or overwrite:
         return
     has_records = bool(read_records(path)) or any(read_records(part) for part in part_files(path))
+    if not has_records:
+        return
+    if any("key" not in record for file in [path, *part_files(path)] for record in read_records(file)):
+        raise StaleRecordsError(f"{path} holds records keyed by line number (an earlier version of this repository); "
+                                "pass --overwrite true to discard them and score afresh.")
     record = provenance_file(path)
     previous = json.loads(record.read_text()) if record.is_file() else None
-    if not has_records or previous == provenance:
+    if previous == provenance:
         return
     if previous is None:
         problem = "no record of what produced them"
@@ -86,24 +97,28 @@ def check_provenance(path: Path, provenance: dict | None, overwrite: bool) -> No
     )
 
 
-def merge_parts(path: Path, key: str) -> None:
-    """Folds the part files into `path` (one record per key, in key order) and removes them; atomic."""
-    records = {record[key]: record for file in [path, *part_files(path)] for record in read_records(file)}
+def merge_parts(path: Path, order: list[str]) -> None:
+    """Folds the part files into `path` (one record per key: the input's rows in `order`, then any others) and
+    removes them; atomic."""
+    records = {record["key"]: record for file in [path, *part_files(path)] for record in read_records(file)}
+    ordered = [records.pop(key) for key in dict.fromkeys(order) if key in records] + list(records.values())
     temporary = path.with_suffix(".tmp")
-    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for _, r in sorted(records.items())))
+    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in ordered))
     os.replace(temporary, path)
     for part in part_files(path):
         part.unlink()
 
 
-def score_resumably(path: str | os.PathLike, key: str, todo: list[tuple[int, object]],
-                    score: Callable[[list], list[dict]], provenance: dict | None = None, overwrite: bool = False,
-                    per_write: int = 64, desc: str = "Scoring") -> dict[int, dict]:
-    """Scores what `todo` ((key, work) pairs) still misses from `path`, across all processes; returns every record.
+def score_resumably(path: str | os.PathLike, todo: list[tuple[str, object]], score: Callable[[list], list[dict]],
+                    provenance: dict | None = None, overwrite: bool = False, per_write: int = 64,
+                    desc: str = "Scoring") -> dict[str, dict]:
+    """Scores what `todo` ((content key, work) pairs, in input order) still misses from `path`, across all
+    processes; returns every record.
 
-    `score` turns a list of work items into their records (dicts holding `key`). Every process returns the same
-    dict {key: record}.
+    `score` turns a list of work items into their records (dicts holding the work's `key`). Rows with equal keys
+    are scored once. Every process returns the same dict {key: record}; the file holds the records in input order.
     """
+    order = [key for key, _ in todo]
     path, state = Path(path), process_state()
     check_provenance(path, provenance, overwrite)  # every process raises alike, so none waits alone
     state.wait_for_everyone()
@@ -112,18 +127,21 @@ def score_resumably(path: str | os.PathLike, key: str, todo: list[tuple[int, obj
         if overwrite:
             for stale in [path, *part_files(path)]:
                 stale.unlink(missing_ok=True)
-        merge_parts(path, key)  # leftovers of an interrupted run; a cut last line is dropped here, never followed
+        merge_parts(path, order)  # leftovers of an interrupted run; a cut last line is dropped here, never followed
         if provenance is not None:
             provenance_file(path).write_text(json.dumps(provenance, indent=2) + "\n")
     state.wait_for_everyone()
 
-    done = {record[key] for record in read_records(path)}
-    pending = [work for k, work in todo if k not in done]
+    done = {record["key"] for record in read_records(path)}
+    unique = {}  # one work item per key, the first
+    for key, work in todo:
+        unique.setdefault(key, work)
+    pending = [work for key, work in unique.items() if key not in done]
     if done and state.is_main_process:
-        logger.info("Resuming: %d of %d already scored in %s", len(todo) - len(pending), len(todo), path)
+        logger.info("Resuming: %d of %d rows already scored in %s", len(unique) - len(pending), len(unique), path)
     mine = pending[state.process_index::state.num_processes]
     output = path if state.num_processes == 1 else path.parent / f"{path.stem}.part-{state.process_index}.jsonl"
-    with output.open("a") as file, tqdm(total=len(todo), initial=len(todo) - len(pending), desc=desc,
+    with output.open("a") as file, tqdm(total=len(unique), initial=len(unique) - len(pending), desc=desc,
                                         disable=not state.is_main_process) as progress:
         for start in range(0, len(mine), per_write):
             chunk = mine[start:start + per_write]
@@ -131,9 +149,9 @@ def score_resumably(path: str | os.PathLike, key: str, todo: list[tuple[int, obj
             file.flush()
             progress.update(len(chunk) * state.num_processes)
     state.wait_for_everyone()
-    if state.is_main_process and state.num_processes > 1:
-        merge_parts(path, key)
+    if state.is_main_process:
+        merge_parts(path, order)
     state.wait_for_everyone()
-    records = {record[key]: record for record in read_records(path)}
+    records = {record["key"]: record for record in read_records(path)}
     state.wait_for_everyone()  # every process has read the file before a caller may remove it
     return records
