@@ -25,7 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 import httpx
 
-from collators.conversation import open_image
+from collators.conversation import IMAGE_PART, open_image, text_part
+
+IMAGE_MARKER = "<image>"  # where an image goes in an RL dataset's prompt text (verl's and OpenRLHF's datasets)
+
+
+def marked_content(text: str) -> list[dict]:
+    """Text with `<image>` markers -> content parts, each marker an image placeholder in its place."""
+    parts = []
+    for i, piece in enumerate(text.split(IMAGE_MARKER)):
+        if i:
+            parts.append(IMAGE_PART)
+        if piece:
+            parts.append(text_part(piece))
+    return parts
 
 
 class RewardModelReward:

@@ -5,12 +5,15 @@
 
 Endpoints (JSON in, JSON out; errors are 4xx `{"error": {"message", "row", "field"}}`):
   POST /get_reward  OpenRLHF's remote reward model: {"query": [str], "prompts": [str], "labels": [...]} ->
-                    {"rewards": [...], "scores": [...], "extra_logs": {...}}. Our extension: "images", one list of
-                    images per query. A query in ChatML (Qwen's chat template) is read back into messages, its
-                    <|vision_start|>...<|vision_end|> spans as image placeholders; a plain query is split by its prompt.
+                    {"rewards": [...], "scores": [...], "extra_logs": {...}}. A query in ChatML (Qwen's chat template)
+                    is read back into messages, its <|vision_start|>...<|vision_end|> spans as image placeholders; a
+                    plain query is split by its prompt. Only the end tokens the chat template adds are cut from the
+                    response, so a query gets the reward /score gives the same conversation. Images: an "images" list
+                    per query, or, for OpenRLHF's own trainer (which never sends images), the server started with
+                    --prompt_images FILE (OpenRLHF's prompt dataset) finds each query's images by its prompt's turns.
   POST /score       {"rows": [...]}: rows in the preference schema ({"images", "prompt", "response"}) or OpenAI chat
                     ({"messages": [..., {"role": "assistant", ...}]}, images as `image_url` parts) -> {"rewards": [...]}.
-  GET  /health, GET /metrics (Prometheus text).
+  GET  /health, GET /metrics (Prometheus, through prometheus_client).
 Images are data URLs (`data:image/png;base64,...`); file paths only under --allowed_image_root (none by default);
 remote URLs are never fetched.
 
@@ -26,6 +29,7 @@ import copy
 import hmac
 import io
 import json
+import logging
 import re
 import sys
 import time
@@ -37,12 +41,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
 from collators import PixelBudgetArguments
 from collators.conversation import count_image_parts, to_messages
 from heads import RewardScorer
+from recipes.serve.rl_rewards import marked_content
+
+logger = logging.getLogger("reward_server")
 
 
 @dataclass
@@ -64,6 +72,11 @@ class ServerArguments:
     batch_size: int = field(default=8, metadata={"help": "Rows per forward pass inside the scorer."})
     dtype: str | None = field(default=None, metadata={"help": "bfloat16 on GPU, float32 on CPU by default."})
     attn_implementation: str | None = field(default=None)
+    prompt_images: str | None = field(default=None, metadata={
+        "help": "The RL prompt dataset (.jsonl/.json/.parquet, OpenRLHF's --data.prompt_dataset): /get_reward queries "
+                "that come without images get the images of the row with the same prompt turns."})
+    prompt_input_key: str = field(default="input", metadata={"help": "Prompt column of --prompt_images (--data.input_key)."})
+    prompt_image_key: str = field(default="images", metadata={"help": "Image column of --prompt_images (--data.image_key)."})
 
 
 class RowError(Exception):
@@ -190,7 +203,8 @@ def score_row(row, index: int) -> tuple[dict, list]:
 
 CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>\s*|$)", re.DOTALL)
 VISION_SPAN = re.compile(r"<\|vision_start\|>(?:<\|image_pad\|>)*<\|vision_end\|>")
-END_TOKENS = re.compile(r"(?:<\|im_end\|>|<\|endoftext\|>|\s)*$")
+# What the chat template (and the policy's stop token) put after a response: nothing else is cut, whitespace included.
+END_TOKENS = re.compile(r"(?:(?:<\|im_end\|>|<\|endoftext\|>)\n?)+$")
 
 
 def chatml_messages(text: str) -> list[dict]:
@@ -226,6 +240,98 @@ def reward_query(query, prompt, index: int) -> dict:
     if not query.startswith(prompt):
         raise RowError(422, "the query does not start with its prompt", index, "prompts")
     return {"prompt": prompt, "response": END_TOKENS.sub("", query[len(prompt):])}
+
+
+def marked_messages(value) -> list[dict]:
+    """An RL prompt, a string or chat messages with `<image>` marking each image's place in text, as canonical
+    messages (OpenRLHF's and verl's datasets mark images so)."""
+    messages = [{"role": "user", "content": value}] if isinstance(value, str) else value
+    return [{"role": m["role"], "content": marked_content(m["content"]) if isinstance(m["content"], str)
+             else to_messages([m], m["role"])[0]["content"]} for m in messages]
+
+
+def prompt_key(messages: list[dict]) -> str:
+    """What identifies an RL prompt across chat templates: its turns' roles, texts and image places (system turns,
+    which templates add by default, left out; whitespace around images ignored, as OpenRLHF strips it)."""
+    turns = []
+    for message in messages:
+        if message["role"] != "system":
+            pieces = "".join("\0" if part["type"] == "image" else part["text"] for part in message["content"]).split("\0")
+            turns.append([message["role"], [piece.strip() for piece in pieces]])
+    return json.dumps(turns, ensure_ascii=False)
+
+
+class PromptImages:
+    """The images of an RL prompt dataset, by prompt: OpenRLHF's trainer sends /get_reward the prompt and response
+    but never their images, so the server reads them from the file the trainer reads its prompts from.
+
+    A prompt is a string (`<image>` marks an image's place, as in OpenRLHF's datasets) or chat messages; images are
+    a list (or one) of paths (relative to the working directory, as OpenRLHF opens them), data URLs or image bytes.
+    """
+
+    def __init__(self, path: str, input_key: str, image_key: str):
+        import datasets
+
+        formats = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+        suffix = Path(path).suffix
+        if suffix not in formats:
+            raise ValueError(f"--prompt_images {path}: expected a .jsonl, .json or .parquet file")
+        dataset = datasets.load_dataset(formats[suffix], data_files=path, split="train")
+        for key in (input_key, image_key):
+            if key not in dataset.column_names:
+                raise ValueError(f"--prompt_images {path}: no column `{key}` (columns: {dataset.column_names}); "
+                                 "set --prompt_input_key / --prompt_image_key as OpenRLHF's --data.input_key / --data.image_key")
+        feature = dataset.features[image_key]
+        if isinstance(feature, datasets.Image):  # parquet images stay bytes: the server decodes them per request
+            dataset = dataset.cast_column(image_key, datasets.Image(decode=False))
+        elif isinstance(getattr(feature, "feature", None), datasets.Image):
+            dataset = dataset.cast_column(image_key, datasets.List(datasets.Image(decode=False)))
+        self.path, self.by_prompt, rows_of = path, {}, {}
+        for row, example in enumerate(dataset):
+            where = f"--prompt_images {path}, row {row}"
+            messages = marked_messages(example[input_key])
+            images = example[image_key]
+            images = [] if images is None else images if isinstance(images, list) else [images]
+            images = [self._reference(image, where) for image in images if image is not None]
+            placeholders = count_image_parts(messages)
+            if placeholders != len(images):
+                raise ValueError(f"{where}: {placeholders} image places (`<image>` or image parts) but {len(images)} images")
+            key = prompt_key(messages)
+            if key in self.by_prompt and self.by_prompt[key] != images:
+                raise ValueError(f"{where}: the same prompt as row {rows_of[key]} with other images; /get_reward "
+                                 "cannot tell the two apart: make each prompt's text unique (e.g. name the image)")
+            self.by_prompt[key], rows_of[key] = images, row
+
+    @staticmethod
+    def _reference(image, where: str) -> str:
+        """An image as the server's decoder takes it: a data URL, or an absolute path checked now."""
+        if isinstance(image, dict):  # a datasets image: {"bytes", "path"}
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, (bytes, bytearray)):
+            return "data:image/png;base64," + base64.b64encode(image).decode()
+        if not isinstance(image, str):
+            raise ValueError(f"{where}: an image is a path, a data URL or bytes, got {type(image).__name__}")
+        if image.startswith(("http://", "https://")):
+            raise ValueError(f"{where}: the server never fetches remote images ({image}); store the file locally")
+        if image.startswith("data:"):
+            return image
+        path = Path(image.removeprefix("file://")).resolve()
+        if not path.is_file():
+            raise ValueError(f"{where}: no image file at {path}")
+        return str(path)
+
+    def images(self, prompt, index: int) -> list[str]:
+        """The images of a query's prompt: none for a prompt without image places, else its row's (or a clear 422)."""
+        if isinstance(prompt, str):
+            return []
+        placeholders = count_image_parts(prompt)
+        if placeholders == 0:
+            return []
+        images = self.by_prompt.get(prompt_key(prompt))
+        if images is None:
+            raise RowError(422, f"the prompt has {placeholders} image placeholders, no images in the request and no row "
+                                f"with the same turns in --prompt_images {self.path}", index, "query")
+        return images
 
 
 # ---------------------------------------------------------------- batching and metrics
@@ -309,52 +415,31 @@ class DynamicBatcher:
                 pending.future.set_result(reward)
 
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets, self.counts, self.sum, self.count = list(buckets), [0] * len(buckets), 0.0, 0
-
-    def observe(self, value: float):
-        self.sum += value
-        self.count += 1
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{bound}"}} {count}' for bound, count in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
-        suffix = f"{{{labels}}}" if labels else ""
-        return out + [f"{name}_sum{suffix} {self.sum}", f"{name}_count{suffix} {self.count}"]
-
-
 class Metrics:
-    """Requests, rows, batch sizes and latency, in Prometheus' text format."""
+    """Requests, rows, batch sizes and latency, through prometheus_client (a registry per app, so apps in one
+    process keep their own counts)."""
 
     def __init__(self):
-        self.requests: dict[tuple[str, int], int] = {}
-        self.rows = 0
-        self.batch_rows = Histogram([1, 2, 4, 8, 16, 32, 64, 128, 256])
-        self.latency: dict[str, Histogram] = {}
+        self.registry = CollectorRegistry()
+        self.requests = Counter("reward_server_requests", "Requests by endpoint and HTTP status.", ["endpoint", "status"],
+                                registry=self.registry)
+        self.rows = Counter("reward_server_rows", "Rows in parsed requests.", registry=self.registry)
+        self.batch_rows = Histogram("reward_server_batch_rows", "Rows per batch handed to the scorer.",
+                                    buckets=[1, 2, 4, 8, 16, 32, 64, 128, 256], registry=self.registry)
+        self.latency = Histogram("reward_server_request_seconds", "Time from request to response.", ["endpoint"],
+                                 buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+                                 registry=self.registry)
 
     def observe_request(self, endpoint: str, status: int, seconds: float, rows: int = 0):
-        self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
-        self.rows += rows
-        buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
-        self.latency.setdefault(endpoint, Histogram(buckets)).observe(seconds)
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self.rows.inc(rows)
+        self.latency.labels(endpoint=endpoint).observe(seconds)
 
     def observe_batch(self, rows: int):
         self.batch_rows.observe(rows)
 
-    def text(self) -> str:
-        lines = ["# TYPE reward_server_requests_total counter"]
-        lines += [f'reward_server_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
-        lines += ["# TYPE reward_server_rows_total counter", f"reward_server_rows_total {self.rows}"]
-        lines += ["# TYPE reward_server_batch_rows histogram"] + self.batch_rows.lines("reward_server_batch_rows")
-        lines.append("# TYPE reward_server_request_seconds histogram")
-        for endpoint, histogram in sorted(self.latency.items()):
-            lines += histogram.lines("reward_server_request_seconds", f'endpoint="{endpoint}"')
-        return "\n".join(lines) + "\n"
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------- the app
@@ -364,6 +449,9 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
     """The ASGI app around a loaded scorer (tests and other programs embed it; `main` serves it with uvicorn)."""
     metrics = Metrics()
     decode = ImageDecoder(args.allowed_image_root, args.max_image_pixels)
+    prompt_images = PromptImages(args.prompt_images, args.prompt_input_key, args.prompt_image_key) if args.prompt_images else None
+    # the operator's own file: its paths were checked at start and are not confined to --allowed_image_root
+    decode_prompt_image = ImageDecoder("/", args.max_image_pixels)
     # A fast tokenizer is not safe to share between threads: the scorer's thread has its own, validation this copy,
     # in one thread of its own.
     tokenizer = copy.deepcopy(scorer.renderer.tokenizer)
@@ -404,7 +492,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             raise RowError(422, "the body is a JSON object", field="body")
         return payload
 
-    def prepare(item: dict, image_refs: list, index: int, field: str) -> tuple[dict, int]:
+    def prepare(item: dict, image_refs: list, index: int, field: str, decoder=decode) -> tuple[dict, int]:
         """Decodes the row's images and renders its text once: every check before the row joins a batch."""
         if not isinstance(image_refs, list):
             raise RowError(422, "images are a list", index, field)
@@ -412,14 +500,15 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             raise RowError(422, "this reward model is text-only and cannot score images", index, field)
         if len(image_refs) > args.max_images_per_row:
             raise RowError(422, f"{len(image_refs)} images exceed the limit of {args.max_images_per_row} per row", index, field)
-        images = [decode(ref, index, f"{field}[{i}]") for i, ref in enumerate(image_refs)]
+        images = [decoder(ref, index, f"{field}[{i}]") for i, ref in enumerate(image_refs)]
         try:
             text = scorer.renderer.render_text(item["prompt"], item["response"], len(images))
         except Exception as error:
             raise RowError(422, f"the conversation cannot be rendered ({error})", index, "prompt") from None
         placeholders = sum(count_image_parts(to_messages(item[key], "user")) for key in ("prompt", "response"))
         if placeholders > len(images):
-            raise RowError(422, f"{placeholders} image placeholders but {len(images)} images", index, field)
+            hint = "" if images or prompt_images else " (OpenRLHF sends none: start the server with --prompt_images)"
+            raise RowError(422, f"{placeholders} image placeholders but {len(images)} images{hint}", index, field)
         # Qwen-VL: one token per (patch x merge)^2 pixels after the resize; a rough count is enough to bound a batch.
         budget = scorer.renderer.max_pixels or 16384 * pixels_per_token
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -447,6 +536,8 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
         except Exception as error:  # a row the checks let through but the model could not score
             response = RowError(500, f"scoring failed ({type(error).__name__}: {error})", field="request").response()
         metrics.observe_request(endpoint, response.status_code, time.perf_counter() - start, rows)
+        if response.status_code >= 400:  # RL clients may only log it at INFO (OpenRLHF) or retry it away
+            logger.warning("%s %d: %s", endpoint, response.status_code, response.body.decode()[:500])
         return response
 
     def shape(endpoint: str, rewards: list[float]) -> dict:
@@ -481,7 +572,12 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             columns[key] = value or [None] * len(queries)
         prepared = []
         for index, (query, prompt, images) in enumerate(zip(queries, columns["prompts"], columns["images"])):
-            prepared.append(prepare(reward_query(query, prompt, index), images or [], index, "images"))
+            item = reward_query(query, prompt, index)
+            if images is None and prompt_images is not None:
+                prepared.append(prepare(item, prompt_images.images(item["prompt"], index), index, "query",
+                                        decode_prompt_image))
+            else:
+                prepared.append(prepare(item, images or [], index, "images"))
         return prepared
 
     @app.post("/score")
@@ -502,7 +598,7 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             check_key(request)
         except RowError as error:
             return error.response()
-        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4")
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
