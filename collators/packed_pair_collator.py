@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 # Families whose backbone takes explicit (m)RoPE position ids and a 4D mask, and whose positions pack_pairs computes.
 PACKED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2")
+# The language model's attention implementations that run a packed sequence (heads/attention.py): sdpa with a dense
+# mask, and the shared-prefix functions that --attn_implementation flex_attention / flash_attention_2 load.
+SHARED_PREFIX_FLEX, SHARED_PREFIX_VARLEN = "shared_prefix_flex", "shared_prefix_varlen"
+PACKED_ATTENTION = ("sdpa", SHARED_PREFIX_FLEX, SHARED_PREFIX_VARLEN)
 
 
 def shared_prefix_length(*rows: list[int]) -> int:
@@ -164,7 +168,7 @@ class PackedPairCollator(PairCollator):
 
 def supports_packing(model) -> bool:
     config = model.config
-    return config.model_type in PACKED_MODEL_TYPES and config.get_text_config()._attn_implementation == "sdpa"
+    return config.model_type in PACKED_MODEL_TYPES and config.get_text_config()._attn_implementation in PACKED_ATTENTION
 
 
 def pair_collator_for(model, processing_class, pack_pairs: bool = True,
@@ -174,6 +178,7 @@ def pair_collator_for(model, processing_class, pack_pairs: bool = True,
         logger.info("Pair layout: packed, one sequence per pair with a shared prompt")
         return PackedPairCollator(processing_class, min_pixels, max_pixels)
     if pack_pairs:
-        logger.info("Pair layout: two rows per pair (packing needs one of %s with sdpa attention; got %s with %s)",
+        logger.info("Pair layout: two rows per pair (packing needs one of %s with sdpa, flex_attention or "
+                    "flash_attention_2; got %s with %s)",
                     PACKED_MODEL_TYPES, model.config.model_type, model.config.get_text_config()._attn_implementation)
     return PairCollator(processing_class, min_pixels, max_pixels)

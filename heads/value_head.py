@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import cached_file
 
+from .attention import load_attention
 from .lora import ADAPTER_DIR, is_lora, merged_base_state, unwrap_lora
 from .packing import shared_prompt_rewards
 from .sharding import vision_tower_before_language_model, vision_tower_must_run
@@ -165,6 +166,8 @@ class ValueHeadRewardModel(nn.Module):
                 "To start training from it, ask for a fresh head (--new_value_head true)."
             )
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=model_kwargs.get("trust_remote_code", False))
+        if model_kwargs.get("attn_implementation"):  # flex / flash-attn: shared-prefix functions (heads/attention.py)
+            model_kwargs["attn_implementation"] = load_attention(model_kwargs["attn_implementation"], config)
         base = auto_class(config).from_pretrained(path, revision=revision, **model_kwargs)
         keep_used_weight_conversions(base)
         model = cls(base)
