@@ -1,13 +1,17 @@
-"""RL glue: a TRL GRPO run on CPU scores its completions with our reward model, images included; verl's custom reward
-function reaches the reward server with the sample's images."""
+"""RL glue: a TRL GRPO run on CPU scores its completions with our reward model, each with its own prompt's images;
+the HTTP reward function and verl's custom reward function reach the reward server with the samples' images."""
 
+import base64
 import io
+import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from PIL import Image
 from serving_helpers import ServerThread, write_reward_model
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
@@ -17,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer  # noqa: E402
-from recipes.serve.rl_rewards import RewardModelReward, compute_score  # noqa: E402
+from recipes.serve.rl_rewards import RewardModelReward, RewardServerReward, compute_score, image_data_url  # noqa: E402
 from recipes.serve.server import ServerArguments, build_app  # noqa: E402
+
+QUESTION = "What is in the picture?"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +35,17 @@ def vl_model(tiny_checkpoints, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def scorer(vl_model) -> RewardScorer:
     return RewardScorer.from_pretrained(str(vl_model), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(vl_model, scorer):
+    with ServerThread(build_app(scorer, ServerArguments(model_name_or_path=str(vl_model)))) as running:
+        yield running
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    """Random pixels: no two score alike by chance, and any resampling shows (a plain colour would hide it)."""
+    return Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
 
 
 class RecordingReward(RewardModelReward):
@@ -42,16 +59,16 @@ class RecordingReward(RewardModelReward):
         return rewards
 
 
-def test_grpo_run_scores_completions_with_their_images(tiny_checkpoints, scorer, tmp_path):
-    colours = ["red", "blue", "green", "yellow"]
+def test_grpo_run_scores_each_completion_with_its_own_images(tiny_checkpoints, scorer, tmp_path):
+    """Two prompts per reward call, each with its own image: a completion scored with another prompt's image fails."""
     dataset = Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": "What colour is the shape?"}] for _ in colours],
-        "image": [Image.new("RGB", (56, 56), c) for c in colours],
+        "prompt": [[{"role": "user", "content": QUESTION}] for _ in range(4)],
+        "images": [[noise(56 + 28 * (i % 2), 56, seed=i)] for i in range(4)],
     })
     policy_dir = tiny_checkpoints("qwen2_5_vl")
     policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(policy_dir, dtype=torch.float32)
     reward = RecordingReward(scorer=scorer)
-    config = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=2, num_generations=2,
+    config = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
                         max_completion_length=6, max_steps=2, learning_rate=1e-5, use_cpu=True, bf16=False,
                         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
     trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
@@ -60,29 +77,109 @@ def test_grpo_run_scores_completions_with_their_images(tiny_checkpoints, scorer,
 
     assert len(reward.calls) == 2
     for prompts, completions, kwargs, rewards in reward.calls:
-        images = kwargs["image"]
-        assert len(images) == len(completions) == 2 and all(isinstance(im, Image.Image) for im in images)
-        again = scorer.score([{"images": [im], "prompt": p, "response": c} for im, p, c in zip(images, prompts, completions)])
+        images = kwargs["images"]
+        assert len(images) == len(completions) == 4 and images[0][0].tobytes() != images[2][0].tobytes()  # two prompts
+        again = scorer.score([{"images": im, "prompt": p, "response": c} for im, p, c in zip(images, prompts, completions)])
         assert rewards == pytest.approx(again, abs=1e-6)
-        blank = scorer.score([{"images": [Image.new("RGB", (56, 56), "white")], "prompt": p, "response": c}
-                              for p, c in zip(prompts, completions)])
-        assert rewards != pytest.approx(blank, abs=1e-6)  # the image reached the reward model
+        first_image = scorer.score([{"images": images[0], "prompt": p, "response": c} for p, c in zip(prompts, completions)])
+        assert rewards[2:] != pytest.approx(first_image[2:], abs=1e-4)  # the second prompt's image reached the model
     assert "rewards/reward_model/mean" in trainer.state.log_history[0]
 
 
-def test_verl_compute_score_sends_the_images_to_the_server(vl_model, scorer):
-    """Called as verl's reward manager calls a custom reward function, with the reward_kwargs of its config."""
-    red = Image.new("RGB", (90, 70), "red")
-    png = io.BytesIO()
-    red.save(png, format="PNG")
-    extra_info = {"split": "train", "index": 0, "question": "What colour is the shape?", "images": [{"bytes": png.getvalue()}]}
-    with ServerThread(build_app(scorer, ServerArguments(model_name_or_path=str(vl_model)))) as server:
-        got = [compute_score(data_source="colours", solution_str=answer, ground_truth="red", extra_info=extra_info,
-                             reward_url=server.url) for answer in ("red", "blue")]
-        resized = compute_score("colours", "red", "red", extra_info, reward_url=server.url,
-                                min_pixels=56 * 56, max_pixels=224 * 224)
-    expected = scorer.score([{"images": [red], "prompt": extra_info["question"], "response": a} for a in ("red", "blue")])
+def test_http_reward_function_scores_trl_rows_with_their_images(server, scorer):
+    """TRL's call of a conversational VLM dataset: prompts with image parts holding the images, an `images` column."""
+    pictures = [noise(84, 56, seed=1), noise(56, 84, seed=2), noise(70, 90, seed=3)]
+    prompts = [[{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": QUESTION}]}]
+               for im in pictures for _ in range(2)]
+    completions = [[{"role": "assistant", "content": text}] for _ in pictures for text in ("A cat.", "Noise.\n")]
+    images = [[im] for im in pictures for _ in range(2)]
+    expected = scorer.score([{"images": im, "prompt": p, "response": c} for im, p, c in zip(images, prompts, completions)])
+    reward = RewardServerReward(server.url, rows_per_request=4)  # two requests for six rows
+    got = reward(prompts=prompts, completions=completions, images=images, trainer_state=None)
     assert got == pytest.approx(expected, abs=1e-5)
-    assert resized == pytest.approx(expected[0], abs=1e-5)  # resizing first with the model's budget changes nothing
+    single = reward(prompts=[QUESTION] * 3, completions=["A cat."] * 3, image=pictures)  # an `image` column
+    assert single == pytest.approx(scorer.score([{"images": [im], "prompt": QUESTION, "response": "A cat."}
+                                                 for im in pictures]), abs=1e-5)
+
+
+def test_http_reward_function_retries_a_busy_server_and_stops_on_a_refusal():
+    calls = {"busy": 0, "refusing": 0}
+    app = FastAPI()
+
+    @app.post("/busy/score")
+    async def busy(payload: dict):
+        calls["busy"] += 1
+        if calls["busy"] < 3:
+            return JSONResponse({"error": {"message": "queue full"}}, 503)
+        return {"rewards": [1.5] * len(payload["rows"])}
+
+    @app.post("/refusing/score")
+    async def refusing():
+        calls["refusing"] += 1
+        return JSONResponse({"error": {"message": "1 image placeholders but 0 images", "row": 0}}, 422)
+
+    with ServerThread(app) as fake:
+        assert RewardServerReward(fake.url + "/busy", retries=2)(["q"], ["a"]) == [1.5]
+        assert calls["busy"] == 3
+        with pytest.raises(RuntimeError, match="HTTP 422.*1 image placeholders but 0 images"):
+            RewardServerReward(fake.url + "/refusing", retries=3)(["q"], ["a"])
+        assert calls["refusing"] == 1
+    with pytest.raises(RuntimeError, match="ConnectError"):
+        RewardServerReward(fake.url, retries=0, timeout=2)(["q"], ["a"])
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_verl_compute_score_per_sample_and_batched_with_image_markers(server, scorer):
+    """Called as verl's reward managers call a custom reward function, with the reward_kwargs of its config."""
+    left, right = noise(84, 56, seed=4), noise(56, 56, seed=5)
+    infos = [
+        {"index": 0, "question": QUESTION, "images": [{"bytes": png_bytes(left)}]},
+        {"index": 1, "question": "Compare <image> with <image>. Which is brighter?",
+         "images": [{"bytes": png_bytes(left)}, {"bytes": png_bytes(right)}]},
+        {"index": 2, "question": "Is 4 even?"},
+    ]
+    responses = ["Noise.", "The first.\n", "yes"]
+    items = [
+        {"images": [left], "prompt": QUESTION, "response": responses[0]},
+        {"images": [left, right], "prompt": [{"role": "user", "content": [
+            {"type": "text", "text": "Compare "}, {"type": "image"}, {"type": "text", "text": " with "}, {"type": "image"},
+            {"type": "text", "text": ". Which is brighter?"}]}], "response": responses[1]},
+        {"images": [], "prompt": "Is 4 even?", "response": responses[2]},
+    ]
+    expected = scorer.score(items)
+    literal = scorer.score([{"images": [left, right], "prompt": infos[1]["question"], "response": responses[1]}])[0]
+    assert abs(literal - expected[1]) > 1e-3  # markers read as text would score otherwise
+
+    per_sample = [compute_score(data_source="vqa", solution_str=r, ground_truth=None, extra_info=dict(info),
+                                reward_url=server.url, num_turns=1, reward_router_address=None)
+                  for r, info in zip(responses, infos)]
+    batched = compute_score(data_sources=["vqa"] * 3, solution_strs=responses, ground_truths=[None] * 3,
+                            extra_infos=[dict(info) for info in infos], reward_url=server.url)
+    assert per_sample == pytest.approx(expected, abs=1e-5)
+    assert isinstance(batched, list) and batched == pytest.approx(expected, abs=1e-5)
+
+    wrong = dict(infos[1], images=infos[1]["images"][:1])
+    with pytest.raises(ValueError, match=r"sample 1 \(extra_info index 1\).*2 <image> markers but 1 images"):
+        compute_score(data_sources=["vqa"] * 2, solution_strs=responses[:2], ground_truths=[None] * 2,
+                      extra_infos=[infos[0], wrong], reward_url=server.url)
     with pytest.raises(KeyError, match="question"):
-        compute_score("colours", "red", "red", {"images": []}, reward_url="http://127.0.0.1:9")
+        compute_score("vqa", "red", None, {"images": []}, reward_url="http://127.0.0.1:9")
+
+
+def test_client_side_resize_is_the_scorers(server, scorer):
+    """With the model's pixel budget, image_data_url resizes exactly as the scorer: same pixels, same reward."""
+    budget = {"min_pixels": scorer.renderer.min_pixels, "max_pixels": scorer.renderer.max_pixels}
+    picture = noise(90, 70, seed=6)  # sides not multiples of 28: the resize changes it
+    url = image_data_url(picture, **budget)
+    sent = Image.open(io.BytesIO(base64.b64decode(url.partition(",")[2])))
+    resized = scorer.renderer.load_image(picture)
+    assert sent.size == resized.size != picture.size
+    assert sent.tobytes() == resized.tobytes()
+    info = {"question": QUESTION, "images": [picture]}
+    reward = compute_score("vqa", "Noise.", None, info, reward_url=server.url, **budget)
+    assert reward == pytest.approx(scorer.score([{"images": [picture], "prompt": QUESTION, "response": "Noise."}])[0], abs=1e-5)

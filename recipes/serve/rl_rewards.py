@@ -1,9 +1,11 @@
 """Reward functions that put the reward model in an RL loop, images included.
 
-TRL, in-process (`GRPOTrainer(reward_funcs=...)`; the dataset's `image` / `images` column reaches the function):
+TRL (`GRPOTrainer(reward_funcs=...)`; the dataset's `image` / `images` column reaches the function), in-process or
+over HTTP to recipes/serve/server.py, which keeps the reward model off the policy's GPUs:
 
-    from recipes.serve.rl_rewards import RewardModelReward
+    from recipes.serve.rl_rewards import RewardModelReward, RewardServerReward
     trainer = GRPOTrainer(model=policy, reward_funcs=RewardModelReward("outputs/demo/stage2"), train_dataset=dataset, ...)
+    trainer = GRPOTrainer(model=policy, reward_funcs=RewardServerReward("http://127.0.0.1:8000"), train_dataset=dataset, ...)
 
 verl, through HTTP to recipes/serve/server.py (or to vLLM serving the export of recipes/serve/export_vllm.py):
 
@@ -11,14 +13,16 @@ verl, through HTTP to recipes/serve/server.py (or to vLLM serving the export of 
         custom_reward_function.path=recipes/serve/rl_rewards.py custom_reward_function.name=compute_score \
         +custom_reward_function.reward_kwargs.reward_url=http://127.0.0.1:8000
 
-verl calls `compute_score(data_source, solution_str, ground_truth, extra_info)`; the prompt is read from
-`extra_info["question"]` (or `"prompt"`) and the images from `extra_info["images"]`, which the data preparation
-puts there.
+verl calls `compute_score(data_source, solution_str, ground_truth, extra_info)` per sample, or with
+`reward_manager.name=batch` `compute_score(data_sources, solution_strs, ground_truths, extra_infos)`; the prompt is
+read from `extra_info["question"]` (or `"prompt"`) and the images from `extra_info["images"]`, which the data
+preparation puts there. `<image>` in the prompt marks each image's place, as in verl's datasets.
 """
 
 import base64
 import io
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
@@ -41,23 +45,14 @@ def marked_content(text: str) -> list[dict]:
     return parts
 
 
-class RewardModelReward:
-    """A TRL reward function: one reward per completion from the reward model, in-process, with the prompt's images.
-
-    TRL passes `prompts` and `completions` (strings or chat messages) and every other dataset column as a keyword:
-    `images` (a list per example) or `image` (one per example).
-    """
+class TRLRows:
+    """The rows of one TRL reward call: TRL passes `prompts` and `completions` (strings or chat messages) and every
+    other dataset column as a keyword, images as `images` (a list per example) or `image` (one per example)."""
 
     __name__ = "reward_model"  # TRL names the reward in its logs after the function
 
-    def __init__(self, model_name_or_path: str | None = None, scorer=None, **scorer_kwargs):
-        if scorer is None:
-            from heads import RewardScorer
-
-            scorer = RewardScorer.from_pretrained(model_name_or_path, **scorer_kwargs)
-        self.scorer = scorer
-
-    def items(self, prompts, completions, images=None, image=None) -> list[dict]:
+    @staticmethod
+    def items(prompts, completions, images=None, image=None) -> list[dict]:
         rows = []
         for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
             if images is not None:
@@ -69,8 +64,79 @@ class RewardModelReward:
             rows.append({"images": row_images, "prompt": prompt, "response": completion})
         return rows
 
+
+class RewardModelReward(TRLRows):
+    """A TRL reward function: one reward per completion from the reward model, in-process, with the prompt's images."""
+
+    def __init__(self, model_name_or_path: str | None = None, scorer=None, **scorer_kwargs):
+        if scorer is None:
+            from heads import RewardScorer
+
+            scorer = RewardScorer.from_pretrained(model_name_or_path, **scorer_kwargs)
+        self.scorer = scorer
+
     def __call__(self, prompts, completions, images=None, image=None, **kwargs) -> list[float]:
         return self.scorer.score(self.items(prompts, completions, images=images, image=image))
+
+
+class RewardServerReward(TRLRows):
+    """A TRL reward function that asks recipes/serve/server.py: the completions of one call go in requests of up to
+    `rows_per_request` rows (the server batches them with other clients'), each image once as a PNG data URL.
+    A request that fails in transit or gets 429/502/503/504 is tried again (`retries` times, waiting 1, 2, 4 ... s);
+    another refusal stops training with the server's message, since sending it again would not change it."""
+
+    RETRY_STATUS = (429, 502, 503, 504)
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0,
+                 retries: int = 4, rows_per_request: int = 256):
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+        self.retries, self.rows_per_request = retries, rows_per_request
+
+    def __call__(self, prompts, completions, images=None, image=None, **kwargs) -> list[float]:
+        urls = {}  # id -> data URL: the generations of a prompt share its image objects, each is encoded once
+
+        def url(image) -> str:
+            if id(image) not in urls:
+                urls[id(image)] = image_data_url(image)
+            return urls[id(image)]
+
+        rows = [{"prompt": plain_messages(item["prompt"]), "response": plain_messages(item["response"]),
+                 "images": [url(image) for image in item["images"]]}
+                for item in self.items(prompts, completions, images=images, image=image)]
+        rewards = []
+        for start in range(0, len(rows), self.rows_per_request):
+            answer = post_with_retries(self.client, "/score", {"rows": rows[start:start + self.rows_per_request]}, self.retries)
+            rewards += answer["rewards"]
+        return rewards
+
+
+def plain_messages(value):
+    """TRL's prompt or completion as JSON: chat messages keep their text; an image part keeps its place but not the
+    image, which travels in the row's `images` (TRL puts the dataset's images into the prompt's image parts)."""
+    if isinstance(value, str):
+        return value
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+             [{"type": "image"} if part.get("type") == "image" else {"type": "text", "text": part.get("text") or ""}
+              for part in m["content"]]} for m in value]
+
+
+def post_with_retries(client: httpx.Client, path: str, body: dict, retries: int) -> dict:
+    """POST, trying again after a failure in transit or a busy server; any other error raised with its message."""
+    for attempt in range(retries + 1):
+        try:
+            response = client.post(path, json=body)
+        except httpx.TransportError as error:
+            failure = f"{type(error).__name__}: {error}"
+        else:
+            if response.status_code == 200:
+                return response.json()
+            failure = f"HTTP {response.status_code}: {response.text[:1000]}"
+            if response.status_code not in RewardServerReward.RETRY_STATUS:
+                break
+        if attempt < retries:
+            time.sleep(2**attempt)
+    raise RuntimeError(f"reward server {client.base_url}{path}: {failure}")
 
 
 def image_data_url(image, min_pixels: int | None = None, max_pixels: int | None = None, image_patch_size: int = 14) -> str:
@@ -87,9 +153,22 @@ def image_data_url(image, min_pixels: int | None = None, max_pixels: int | None 
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def image_url_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def chat(prompt: str, response: str, image_urls: list[str]) -> list[dict]:
-    """OpenAI-style messages, images first in the user turn (Qwen's order, as the scorer renders them)."""
-    content = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls] + [{"type": "text", "text": prompt}]
+    """OpenAI-style messages. `<image>` markers in the prompt take the images in order (their count must match);
+    a prompt without markers gets its images first in the user turn (Qwen's order, as the scorer renders them)."""
+    markers = prompt.count(IMAGE_MARKER)
+    if markers and markers != len(image_urls):
+        raise ValueError(f"the prompt has {markers} {IMAGE_MARKER} markers but {len(image_urls)} images: give one "
+                         f"image per marker in extra_info['images']")
+    if markers:
+        urls = iter(image_urls)
+        content = [image_url_part(next(urls)) if part["type"] == "image" else part for part in marked_content(prompt)]
+    else:
+        content = [image_url_part(url) for url in image_urls] + [text_part(prompt)]
     return [{"role": "user", "content": content}, {"role": "assistant", "content": response}]
 
 
@@ -104,30 +183,41 @@ def _client(url: str, api_key: str | None, timeout: float) -> httpx.Client:
     return _clients[url]
 
 
-def compute_score(data_source, solution_str: str, ground_truth=None, extra_info: dict | None = None, *,
+def compute_score(data_source=None, solution_str: str | None = None, ground_truth=None, extra_info: dict | None = None, *,
+                  data_sources=None, solution_strs=None, ground_truths=None, extra_infos=None,
                   reward_url: str = "http://127.0.0.1:8000", api: str = "server", model: str | None = None,
                   api_key: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-                  image_patch_size: int = 14, timeout: float = 180.0, **kwargs) -> float:
-    """verl's custom reward function: the reward of `solution_str` to the sample's prompt and images.
+                  image_patch_size: int = 14, timeout: float = 180.0, retries: int = 4, **kwargs) -> float | list[float]:
+    """verl's custom reward function: the reward of `solution_str` to the sample's prompt and images, or with verl's
+    batched call (`solution_strs`, `extra_infos`, ...) the list of rewards of the batch, in one request.
 
     api="server": POST {reward_url}/score (recipes/serve/server.py). api="vllm": POST {reward_url}/classify with
-    `use_activation: false` (vLLM serving the export; `model` is its served name). Give the model's pixel budget
-    (`min_pixels` / `max_pixels`) to resize images here exactly as the scorer does (see the README).
+    `use_activation: false` (vLLM serving the export; `model` is its served name), one request per sample. Give the
+    model's pixel budget (`min_pixels` / `max_pixels`) to resize images here exactly as the scorer does (see the
+    README). Other keywords verl passes (`reward_router_address`, `reward_model_tokenizer`, ...) are not needed.
     """
-    extra_info = extra_info or {}
-    prompt = extra_info.get("question", extra_info.get("prompt"))
-    if prompt is None:
-        raise KeyError("compute_score needs the prompt in extra_info['question'] (or extra_info['prompt'])")
-    images = extra_info.get("images") or []
-    urls = [image_data_url(image, min_pixels, max_pixels, image_patch_size) for image in images]
-    messages = chat(prompt, solution_str, urls)
+    batched = solution_strs is not None
+    if not batched:
+        solution_strs, extra_infos = [solution_str], [extra_info]
+    conversations = []
+    for i, (response, info) in enumerate(zip(solution_strs, extra_infos or [None] * len(solution_strs), strict=True)):
+        info = info or {}
+        where = f"sample {i}" + (f" (extra_info index {info['index']})" if "index" in info else "")
+        prompt = info.get("question", info.get("prompt"))
+        if not isinstance(prompt, str):
+            raise KeyError(f"compute_score, {where}: needs the prompt text in extra_info['question'] (or extra_info['prompt'])")
+        urls = [image_data_url(image, min_pixels, max_pixels, image_patch_size) for image in info.get("images") or []]
+        try:
+            conversations.append(chat(prompt, response, urls))
+        except ValueError as error:
+            raise ValueError(f"compute_score, {where}: {error}") from None
     client = _client(reward_url, api_key, timeout)
     if api == "server":
-        response = client.post("/score", json={"rows": [{"messages": messages}]})
-        response.raise_for_status()
-        return float(response.json()["rewards"][0])
-    if api == "vllm":
-        response = client.post("/classify", json={"model": model, "messages": messages, "use_activation": False})
-        response.raise_for_status()
-        return float(response.json()["data"][0]["probs"][0])
-    raise ValueError(f"api is 'server' or 'vllm', got {api!r}")
+        rewards = post_with_retries(client, "/score", {"rows": [{"messages": m} for m in conversations]}, retries)["rewards"]
+    elif api == "vllm":
+        rewards = [post_with_retries(client, "/classify", {"model": model, "messages": m, "use_activation": False},
+                                     retries)["data"][0]["probs"][0] for m in conversations]
+    else:
+        raise ValueError(f"api is 'server' or 'vllm', got {api!r}")
+    rewards = [float(reward) for reward in rewards]
+    return rewards if batched else rewards[0]
