@@ -36,6 +36,8 @@ def main(data_args, model_args, training_args, model_config):
     set_seed(training_args.seed)  # before the value head is built: same arguments, same weights
     processor = AutoProcessor.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision)
     set_pixel_budget(processor, data_args.min_pixels, data_args.max_pixels)  # saved with the checkpoint
+    if training_args.max_length:  # saved with the checkpoint too: the reward server's default row limit
+        getattr(processor, "tokenizer", processor).model_max_length = training_args.max_length
 
     # Model: the VLM plus a fresh value head; the vision tower is frozen.
     model = ValueHeadRewardModel.from_pretrained(

@@ -1,6 +1,7 @@
 """Reward models in the release layout and a real server on 127.0.0.1, shared by the serving and RL tests."""
 
 import base64
+import dataclasses
 import io
 import socket
 import threading
@@ -42,11 +43,18 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """uvicorn serving `app` on a free port of 127.0.0.1 in a background thread."""
+    """uvicorn serving `app` on a free port of 127.0.0.1 in a background thread; with the server's `args`, under the
+    connection limits and timeouts the command line serves it with."""
 
-    def __init__(self, app):
+    def __init__(self, app, args=None):
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        if args is None:
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        else:
+            from recipes.serve.server import uvicorn_config
+
+            config = uvicorn_config(app, dataclasses.replace(args, host="127.0.0.1", port=self.port))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property

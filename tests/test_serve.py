@@ -3,10 +3,16 @@ every bad input gets its 4xx naming the row and the field, and concurrent client
 
 import base64
 import concurrent.futures
+import math
 import os
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -18,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 from recipes.serve.server import ServerArguments, build_app, chatml_messages  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -38,19 +45,47 @@ def image_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("allowed")
     for i, colour in enumerate(COLOURS):
         Image.new("RGB", (60 + 8 * i, 50), colour).save(root / f"{colour}.png")
+    outside = root.parent / "outside.png"
+    image("red").save(outside)
+    (root / "link_out.png").symlink_to(outside)
+    (root / "link_in.png").symlink_to(root / "red.png")
+    os.mkfifo(root / "fifo.png")  # opening it for reading would wait for a writer
     return root
 
 
 @pytest.fixture(scope="module")
 def server(scorer, vl_model, image_root):
     args = ServerArguments(model_name_or_path=str(vl_model), allowed_image_root=str(image_root), max_body_bytes=2**20,
-                           max_images_per_row=2, max_image_pixels=300 * 300, batch_wait_ms=20)
-    with ServerThread(build_app(scorer, args)) as running:
+                           max_images_per_row=2, max_image_pixels=300 * 300, max_request_pixels=180_000,
+                           max_row_tokens=300, batch_wait_ms=20)
+    with ServerThread(build_app(scorer, args), args) as running:
         yield running
 
 
 def image(colour: str, i: int = 0) -> Image.Image:
     return Image.new("RGB", (60 + 8 * i, 50), colour)
+
+
+def bytes_url(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A black 1-bit PNG: a few KB that decode to width x height bytes (three times that in RGB)."""
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def lying_ico(png: bytes) -> bytes:
+    """An ICO whose directory says 16x16 and whose one frame is `png`, of any size."""
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
 
 
 def test_score_rows_equal_the_in_process_scorer(server, scorer, image_root):
@@ -59,7 +94,7 @@ def test_score_rows_equal_the_in_process_scorer(server, scorer, image_root):
     items.append({"images": [], "prompt": "Is 4 even?", "response": "yes"})
     expected = scorer.score(items)
     rows = [dict(item, images=[data_url(im) for im in item["images"]]) for item in items]
-    rows[0]["images"] = ["red.png"]  # a path under the allowed root is the same image
+    rows[0]["images"], rows[1]["images"] = ["red.png"], ["link_in.png"]  # paths under the allowed root (a link too)
     rewards = httpx.post(server.url + "/score", json={"rows": rows}, timeout=60).json()["rewards"]
     assert rewards == pytest.approx(expected, abs=1e-5)
     assert len(set(round(r, 4) for r in rewards)) > 4  # the rows really differ
@@ -106,8 +141,9 @@ def bad_requests(image_root: Path) -> list:
     red = data_url(image("red"))
     ok = {"prompt": "Colour?", "response": "red", "images": [red]}
     big = data_url(Image.new("RGB", (400, 400), "red"))
+    budget = data_url(Image.new("RGB", (300, 250), "red"))  # 75,000 pixels: two fit the request's budget, not three
     outside = image_root.parent / "outside.png"
-    image("red").save(outside)
+    chat = lambda text: {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "red"}]}  # noqa: E731
     return [
         ("malformed JSON", "/score", b'{"rows": [', 400, None, "body"),
         ("not an object", "/score", [1, 2], 422, None, "body"),
@@ -136,6 +172,34 @@ def bad_requests(image_root: Path) -> list:
         ("query without its prompt", "/get_reward", {"query": ["hello"], "prompts": ["bye"]}, 422, 0, "prompts"),
         ("plain query, no prompts", "/get_reward", {"query": ["hello"]}, 422, 0, "prompts"),
         ("prompts of another length", "/get_reward", {"query": ["ab", "cd"], "prompts": ["a"]}, 422, None, "prompts"),
+        ("JSON nested 100,000 deep", "/score", b'{"rows": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "body"),
+        ("not UTF-8", "/score", b'{"rows": [{"prompt": "\xff", "response": "x"}]}', 400, None, "body"),
+        ("lone surrogate", "/score", b'{"rows": [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": "\\ud800"}]}',
+         422, 1, "response"),
+        ("NUL byte in an image path", "/score", {"rows": [dict(ok, images=["red\x00.png"])]}, 422, 0, "images[0]"),
+        ("symlink out of the root", "/score", {"rows": [dict(ok, images=["link_out.png"])]}, 422, 0, "images[0]"),
+        ("FIFO under the root", "/score", {"rows": [dict(ok, images=["fifo.png"])]}, 422, 0, "images[0]"),
+        ("missing file", "/score", {"rows": [dict(ok, images=["missing.png"])]}, 422, 0, "images[0]"),
+        ("PNG bomb", "/score", {"rows": [dict(ok, images=[bytes_url(bomb_png(12000, 12000))])]}, 422, 0, "images[0]"),
+        ("ICO whose header lies", "/score",
+         {"rows": [dict(ok, images=[bytes_url(lying_ico(bomb_png(12000, 12000)), "x-icon")])]}, 422, 0, "images[0]"),
+        ("ICO a little past the limit", "/score",
+         {"rows": [dict(ok, images=[red, bytes_url(lying_ico(bomb_png(301, 300)), "x-icon")])]}, 422, 0, "images[1]"),
+        ("image of 60000x1 pixels", "/score", {"rows": [ok, dict(ok, images=[bytes_url(bomb_png(60000, 1))])]}, 422, 1, "images[0]"),
+        ("EPS (Pillow would run Ghostscript)", "/score",
+         {"rows": [dict(ok, images=[bytes_url(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "eps")])]},
+         422, 0, "images[0]"),
+        ("request past its pixel budget", "/score", {"rows": [dict(ok, images=[budget] * 2), dict(ok, images=[budget])]},
+         413, 1, "images[0]"),
+        ("row past its token limit", "/score", {"rows": [ok, dict(ok, response="red " * 25_000)]}, 413, 1, "response"),
+        ("image token typed in a response", "/score", {"rows": [ok, dict(ok, response="<|image_pad|> red")]}, 422, 1, "response"),
+        ("vision start typed in a prompt", "/score", {"rows": [dict(ok, prompt="<|vision_start|>Colour?")]}, 422, 0, "prompt"),
+        ("video token in a chat message", "/score", {"rows": [chat("<|video_pad|> Colour?")]}, 422, 0, "messages"),
+        ("video span in a ChatML query", "/get_reward", {"query": [
+            "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Colour?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"]},
+         422, 0, "query"),
+        ("image token in a plain query", "/get_reward", {"query": ["Colour? <|image_pad|>red"], "prompts": ["Colour? "]},
+         422, 0, "query"),
     ]
 
 
@@ -149,7 +213,7 @@ def test_bad_inputs_get_a_4xx_naming_row_and_field_and_the_server_keeps_serving(
             assert response.status_code == status, (name, response.text)
             error = response.json()["error"]
             assert (error["row"], error["field"]) == (row, field), (name, error)
-            assert error["message"]
+            assert error["message"] and str(image_root) not in response.text and str(ROOT) not in response.text, name
         assert client.get("/health").json()["status"] == "ok"
         good = client.post("/score", json={"rows": [{"prompt": "Colour?", "response": "red", "images": [data_url(image("red"))]}]})
         assert good.status_code == 200 and len(good.json()["rewards"]) == 1
@@ -163,7 +227,7 @@ def test_text_only_model_refuses_images_and_api_key_is_enforced(tiny_checkpoints
     text_scorer = RewardScorer.from_pretrained(str(model), device="cpu")
     args = ServerArguments(model_name_or_path=str(model), api_key="secret")
     row = {"prompt": "Is 4 even?", "response": "yes"}
-    with ServerThread(build_app(text_scorer, args)) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+    with ServerThread(build_app(text_scorer, args), args) as running, httpx.Client(base_url=running.url, timeout=60) as client:
         assert client.post("/score", json={"rows": [row]}).status_code == 401
         auth = {"authorization": "Bearer secret"}
         refused = client.post("/score", json={"rows": [row, dict(row, images=[data_url(image("red"))])]}, headers=auth)
@@ -235,32 +299,183 @@ def test_command_line_serves_a_model_directory(vl_model, scorer):
 def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(scorer, vl_model):
     args = ServerArguments(model_name_or_path=str(vl_model), request_timeout_s=1e-4)
     row = {"prompt": "Is 4 even?", "response": "yes"}
-    with ServerThread(build_app(scorer, args)) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+    with ServerThread(build_app(scorer, args), args) as running, httpx.Client(base_url=running.url, timeout=60) as client:
         late = client.post("/score", json={"rows": [row] * 16})
         assert late.status_code == 504 and late.json()["error"]["field"] == "request"
         assert client.get("/health").json()["status"] == "ok"
 
 
 class FailingScorer:
-    """The real scorer, except that a batch holding the response "boom" raises (a row no check could foresee)."""
+    """The real scorer, except that a batch holding the response "boom" raises (a row no check could foresee); counts
+    its calls."""
 
     def __init__(self, scorer):
-        self.scorer, self.renderer = scorer, scorer.renderer
+        self.scorer, self.renderer, self.model = scorer, scorer.renderer, scorer.model
+        self.calls = 0
 
     def score(self, items):
+        self.calls += 1
         if any(item["response"] == "boom" for item in items):
-            raise RuntimeError("boom")
+            raise RuntimeError(f"boom in {ROOT}")
         return self.scorer.score(items)
 
 
-def test_a_row_the_model_fails_on_fails_only_its_own_request(scorer, vl_model):
-    args = ServerArguments(model_name_or_path=str(vl_model), batch_wait_ms=200)  # both requests land in one batch
-    good, bad = {"prompt": "Is 4 even?", "response": "yes"}, {"prompt": "Is 4 even?", "response": "boom"}
-    with ServerThread(build_app(FailingScorer(scorer), args)) as running:
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            answers = list(pool.map(lambda row: httpx.post(running.url + "/score", json={"rows": [row]}, timeout=60),
-                                    [good, bad]))
-        assert answers[0].status_code == 200
-        assert answers[0].json()["rewards"] == pytest.approx(scorer.score([dict(good, images=[])]), abs=1e-5)
-        assert answers[1].status_code == 500 and "boom" in answers[1].json()["error"]["message"]
-        assert metrics_value(running.url, "reward_server_batch_rows_count") >= 1
+def test_a_row_the_model_fails_on_fails_alone_and_its_batch_is_bisected(scorer, vl_model):
+    """16 one-row requests in one batch, one of which the model fails on: the other 15 get their scores, the failing
+    one a 500 naming its row (and no server path), in about 2 log2(16) scorer calls instead of 16 one-row retries."""
+    args = ServerArguments(model_name_or_path=str(vl_model), batch_wait_ms=500)
+    failing = FailingScorer(scorer)
+    rows = [{"prompt": "Is 4 even?", "response": f"yes {i}"} for i in range(15)]
+    rows.insert(9, {"prompt": "Is 4 even?", "response": "boom"})
+    with ServerThread(build_app(failing, args), args) as running:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda row: httpx.post(running.url + "/score", json={"rows": [row]}, timeout=60), rows))
+    expected = scorer.score([dict(row, images=[]) for row in rows if row["response"] != "boom"])
+    assert [a.json()["rewards"][0] for a in answers if a.status_code == 200] == pytest.approx(expected, abs=1e-5)
+    failed = answers[9]
+    assert failed.status_code == 500 and (failed.json()["error"]["row"], failed.json()["error"]["field"]) == (0, "request")
+    assert str(ROOT) not in failed.text
+    assert failing.calls <= 2 * math.ceil(math.log2(16)) + 2, failing.calls  # row by row would take 17
+
+
+class GatedScorer:
+    """The real scorer, holding each batch until `gate` is set; records the responses it is given."""
+
+    def __init__(self, scorer):
+        self.scorer, self.renderer, self.model = scorer, scorer.renderer, scorer.model
+        self.gate, self.seen = threading.Event(), []
+
+    def score(self, items):
+        self.seen += [item["response"] for item in items]
+        assert self.gate.wait(60)
+        return self.scorer.score(items)
+
+
+def wait_for(condition, what: str, timeout: float = 20):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_full_queue_answers_503_and_a_client_that_hangs_up_leaves_the_queue(scorer, vl_model):
+    args = ServerArguments(model_name_or_path=str(vl_model), max_queued_rows=4, batch_wait_ms=1)
+    gated = GatedScorer(scorer)
+    rows = [{"prompt": "Is 4 even?", "response": r} for r in ("yes", "no", "maybe")]
+    with ServerThread(build_app(gated, args), args) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+        queued = lambda: metrics_value(running.url, "reward_server_queued_rows")  # noqa: E731
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, "/score", json={"rows": rows})
+            wait_for(lambda: len(gated.seen) == 3, "the first request in the scorer")
+            full = client.post("/score", json={"rows": rows[:2]})  # 3 + 2 rows > 4
+            assert full.status_code == 503 and full.json()["error"]["field"] == "request"
+
+            with pytest.raises(httpx.ReadTimeout):  # this client gives up and hangs up while its row waits
+                httpx.post(running.url + "/score", json={"rows": [{"prompt": "Is 4 even?", "response": "gone"}]}, timeout=1)
+            wait_for(lambda: queued() == 3, "the abandoned row to leave the queue")
+            gated.gate.set()
+            assert first.result().json()["rewards"] == pytest.approx(scorer.score([dict(r, images=[]) for r in rows]), abs=1e-5)
+        wait_for(lambda: queued() == 0, "an empty queue")
+        assert client.post("/score", json={"rows": rows[:1]}).status_code == 200
+    assert "gone" not in gated.seen
+
+
+def test_the_row_token_limit_counts_text_and_image_tokens_and_defaults_to_the_training_max_length(
+        scorer, vl_model, tiny_checkpoints, tmp_path):
+    row = {"images": [image("red", 3)], "prompt": "What colour is the shape?", "response": "red"}
+    length = scorer.renderer([row])["input_ids"].shape[1]  # what the model would be given
+    body = {"rows": [dict(row, images=[data_url(row["images"][0])])]}
+    for limit, status in ((length, 200), (length - 1, 413)):
+        args = ServerArguments(model_name_or_path=str(vl_model), max_row_tokens=limit)
+        with ServerThread(build_app(scorer, args), args) as running:
+            answer = httpx.post(running.url + "/score", json=body, timeout=60)
+        assert answer.status_code == status, (limit, answer.text)
+        if status == 413:
+            assert (answer.json()["error"]["row"], answer.json()["error"]["field"]) == (0, "images")
+
+    # Without --max_row_tokens: the tokenizer's model_max_length, which the stage scripts set to the training max_length.
+    model = write_reward_model(tiny_checkpoints("qwen2_5_vl"), tmp_path / "rm")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.model_max_length = length - 1
+    tokenizer.save_pretrained(model)
+    saved = RewardScorer.from_pretrained(str(model), device="cpu")
+    args = ServerArguments(model_name_or_path=str(model))
+    with ServerThread(build_app(saved, args), args) as running:
+        assert httpx.post(running.url + "/score", json=body, timeout=60).status_code == 413
+        body["rows"][0]["images"] = []
+        assert httpx.post(running.url + "/score", json=body, timeout=60).status_code == 200
+
+
+def http(port: int, data: bytes = b"", wait: float = 10) -> bytes:
+    """Everything the server sends on a connection where the client sent `data` and nothing more (b"" if the server
+    closed it without a word); raises TimeoutError if the server keeps the connection open for `wait` seconds."""
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(data)
+        connection.settimeout(wait)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+        return received
+
+
+def test_slow_idle_and_oversized_clients_are_cut_off(scorer, vl_model):
+    args = ServerArguments(model_name_or_path=str(vl_model), header_timeout_s=1, body_timeout_s=1, limit_concurrency=8,
+                           max_body_bytes=2**20, timeout_keep_alive=30)
+    with ServerThread(build_app(scorer, args), args) as running:
+        port = running.port
+        assert http(port) == b""  # connected, sent nothing: closed
+        assert http(port, b"POST /score HTTP/1.1\r\nHost: x\r\n") == b""  # headers never finished: closed
+        # The same deadline after a first response on a kept-alive connection:
+        answer = http(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nPOST /score HTTP/1.1\r\nHost: x\r\n")
+        assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+        # A body that trickles in: 408 once the body deadline passes.
+        trickle = http(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"rows\"")
+        assert trickle.startswith(b"HTTP/1.1 408"), trickle
+        # A declared body past the limit is refused before a byte of it is read.
+        huge = http(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n", wait=5)
+        assert huge.startswith(b"HTTP/1.1 413"), huge
+
+        # uvicorn's connection limit: with 8 connections open, a request gets 503; once the idle ones are cut off, 200.
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+        try:
+            assert httpx.get(running.url + "/health").status_code == 503
+            wait_for(lambda: httpx.get(running.url + "/health").status_code == 200, "the idle connections to be closed", 10)
+        finally:
+            for connection in idle:
+                connection.close()
+
+
+def test_a_symlink_swapped_in_under_the_root_never_reads_outside(scorer, vl_model, tmp_path):
+    """A file under the root is swapped, over and over, with a symlink to a file outside: every answer is the inside
+    image's score or a 422, never the outside image's."""
+    root, outside = tmp_path / "root", tmp_path / "outside.png"
+    root.mkdir()
+    image("red").save(root / "inside.png")
+    image("blue").save(outside)
+    (root / "link.png").symlink_to(outside)
+    (root / "swap.png").symlink_to(root / "inside.png")
+    row = {"prompt": "What colour is the shape?", "response": "red"}
+    inside_score, outside_score = scorer.score([dict(row, images=[image("red")]), dict(row, images=[image("blue")])])
+    assert abs(inside_score - outside_score) > 1e-3
+    args = ServerArguments(model_name_or_path=str(vl_model), allowed_image_root=str(root), batch_wait_ms=1)
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            for source in ("link.png", "inside.png"):
+                (root / "next.png").unlink(missing_ok=True)
+                (root / "next.png").symlink_to(root / source)
+                os.replace(root / "next.png", root / "swap.png")
+
+    with ServerThread(build_app(scorer, args), args) as running, httpx.Client(base_url=running.url, timeout=60) as client:
+        swapper = threading.Thread(target=swap)
+        swapper.start()
+        try:
+            answers = [client.post("/score", json={"rows": [dict(row, images=["swap.png"])] * 8}) for _ in range(40)]
+        finally:
+            stop.set()
+            swapper.join()
+    scores = [r for answer in answers if answer.status_code == 200 for r in answer.json()["rewards"]]
+    refused = sum(answer.status_code == 422 for answer in answers)
+    assert scores and refused and refused + len(scores) // 8 == len(answers)
+    assert scores == pytest.approx([inside_score] * len(scores), abs=1e-5)

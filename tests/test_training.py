@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoProcessor
+from transformers import AutoProcessor, AutoTokenizer
 from trl import ModelConfig, RewardConfig, TrlParser
 
 from collators import PreferenceDataArguments
@@ -78,6 +78,8 @@ def test_stage1_trains_llm_and_head_keeps_vision_tower(family, tiny_checkpoints,
     # lm_head gets no gradient and stays as it was: the checkpoint is still a complete generation model.
     assert torch.equal(before["pretrained_model.lm_head.weight"], after["pretrained_model.lm_head.weight"])
     assert json.loads((tmp_path / "stage1" / "data_report.json").read_text())[str(data)]["dropped"] == {}
+    # The training max_length travels with the checkpoint: the reward server's default per-row token limit.
+    assert AutoTokenizer.from_pretrained(tmp_path / "stage1").model_max_length == 256
 
 
 def test_stage2_starts_from_stage1_head_and_mixes_text(tiny_checkpoints, tmp_path):

@@ -20,30 +20,47 @@ remote URLs are never fetched.
 Concurrent requests are batched (up to --max_batch_rows rows / --max_batch_tokens tokens, waiting at most
 --batch_wait_ms for more) and each batch goes to `RewardScorer.score` whole, which scores rows sharing a prompt and
 images in one forward where the model supports it.
+
+Every request is bounded before the expensive work (the README's server section lists each limit and its default):
+the body by Content-Length and a read deadline, then parsed off the event loop; rows per request and rows queued
+(503 when full); each image by the pixel size its header declares, before it is decoded (Pillow's
+decompression-bomb limit is set from --max_image_pixels, which also covers images nested in a container such as
+ICO), the request's images by a pixel budget, and each image resized to the model's pixel budget as soon as it is
+decoded; each row by its tokens (text and images). Connections must send their headers in --header_timeout_s, and
+uvicorn caps connections (--limit_concurrency). A request whose client hangs up leaves the queue.
 """
 
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import copy
+import functools
 import hmac
 import io
 import json
 import logging
+import os
+import queue
 import re
+import stat
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
+import h11
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from collators import PixelBudgetArguments
 from collators.conversation import count_image_parts, to_messages
@@ -51,6 +68,7 @@ from heads import RewardScorer
 from recipes.serve.rl_rewards import marked_content
 
 logger = logging.getLogger("reward_server")
+
 
 
 @dataclass
@@ -64,8 +82,24 @@ class ServerArguments:
     max_body_bytes: int = field(default=64 * 2**20, metadata={"help": "Largest request body (413 beyond)."})
     max_rows_per_request: int = field(default=1024)
     max_images_per_row: int = field(default=8)
-    max_image_pixels: int = field(default=4096 * 4096, metadata={"help": "Largest decoded image (width x height)."})
+    max_image_pixels: int = field(
+        default=4096 * 4096, metadata={"help": "Largest image (width x height), checked before it is decoded (422)."})
+    max_request_pixels: int = field(
+        default=128 * 2**20, metadata={"help": "Pixels of all the images of one request, before resizing (413)."})
+    max_row_tokens: int | None = field(default=None, metadata={
+        "help": "Tokens of one row, images included (413). Default: the checkpoint tokenizer's model_max_length (the "
+                "stage scripts save the training max_length there), else the model's max_position_embeddings."})
+    max_queued_rows: int = field(
+        default=4096, metadata={"help": "Rows accepted and not yet answered, across requests (503 beyond)."})
     request_timeout_s: float = field(default=120.0, metadata={"help": "A request still waiting after this gets 504."})
+    header_timeout_s: float = field(
+        default=10.0, metadata={"help": "A connection that has not sent a request's headers after this is closed."})
+    body_timeout_s: float = field(default=60.0, metadata={"help": "A body not received after this gets 408."})
+    limit_concurrency: int = field(
+        default=256, metadata={"help": "uvicorn's limit: connections (or requests) beyond it are answered 503."})
+    timeout_keep_alive: int = field(default=5, metadata={"help": "uvicorn's: an idle kept-alive connection is closed."})
+    timeout_graceful_shutdown: int = field(
+        default=3, metadata={"help": "uvicorn's: on SIGTERM, requests in flight get this long, then the server exits."})
     max_batch_rows: int = field(default=64, metadata={"help": "Rows handed to the scorer at once."})
     max_batch_tokens: int = field(default=65536, metadata={"help": "Estimated tokens handed to the scorer at once."})
     batch_wait_ms: float = field(default=5.0, metadata={"help": "How long a batch waits for more requests."})
@@ -87,56 +121,92 @@ class RowError(Exception):
         self.status, self.message, self.row, self.field = status, message, row, field
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "row": self.row, "field": self.field}}, self.status)
+        # A body refused before it was read in full leaves the connection unusable: close it.
+        unread = self.field == "body" and self.status in (408, 413)
+        return JSONResponse({"error": {"message": self.message, "row": self.row, "field": self.field}}, self.status,
+                            headers={"connection": "close"} if unread else None)
 
 
 # ---------------------------------------------------------------- input validation
 
 
+# Formats Pillow may open: the usual image files. Others (EPS runs Ghostscript, for one) are refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "ICO")
+
+
 class ImageDecoder:
-    """Data URLs, and paths under an allowed root; every image checked against the pixel limit before decoding."""
+    """Data URLs, and paths under an allowed root; every image checked against the pixel limits before it is
+    decoded, and resized to the model's pixel budget (`resize`) as soon as it is."""
 
-    def __init__(self, allowed_root: str | None, max_pixels: int):
+    def __init__(self, allowed_root: str | None, max_pixels: int, resize):
         self.allowed_root = Path(allowed_root).resolve() if allowed_root else None
-        self.max_pixels = max_pixels
+        if self.allowed_root is not None and not Path("/proc/self/fd").is_dir():
+            raise SystemExit("server: --allowed_image_root needs /proc/self/fd (Linux) to check the opened file")
+        self.max_pixels, self.resize = max_pixels, resize
 
-    def __call__(self, reference, row: int, field: str) -> Image.Image:
+    def __call__(self, reference, row: int, field: str, pixels_left: int) -> tuple[Image.Image, int]:
+        """(the image resized for the model, the pixels it had), or a RowError; at most `pixels_left` pixels."""
         if not isinstance(reference, str):
             raise RowError(422, f"an image must be a data URL or a path string, got {type(reference).__name__}", row, field)
         if reference.startswith(("http://", "https://")):
             raise RowError(422, "remote image URLs are not fetched; send the image as a data URL", row, field)
-        if reference.startswith("data:"):
-            header, _, payload = reference.partition(",")
-            if not header.endswith(";base64"):
-                raise RowError(422, "a data URL image must be base64 (data:image/png;base64,...)", row, field)
+        source = self._data(reference, row, field) if reference.startswith("data:") else self._file(reference, row, field)
+        with source:
             try:
-                source = io.BytesIO(base64.b64decode(payload, validate=True))
-            except (binascii.Error, ValueError):
-                raise RowError(422, "the data URL is not valid base64", row, field) from None
-        else:
-            source = self._path(reference, row, field)
+                image = Image.open(source, formats=IMAGE_FORMATS)
+                pixels = image.width * image.height  # from the header: both limits hold before decoding
+                if pixels > self.max_pixels:
+                    raise RowError(422, f"image of {image.width}x{image.height} pixels exceeds the limit of "
+                                        f"{self.max_pixels} (--max_image_pixels)", row, field)
+                if pixels > pixels_left:
+                    raise RowError(413, "the request's images exceed its budget of pixels (--max_request_pixels)", row, field)
+                image.load()  # an image nested in a container (ICO) meets Pillow's own limit, before it is decoded
+            except RowError:
+                raise
+            except Image.DecompressionBombError:
+                raise RowError(422, f"the image holds more pixels than its header says, past the limit of "
+                                    f"{self.max_pixels} (--max_image_pixels)", row, field) from None
+            except Exception as error:  # PIL raises many types for corrupt data
+                raise RowError(422, f"the image cannot be decoded ({type(error).__name__})", row, field) from None
+        pixels = image.width * image.height
+        if pixels > pixels_left:
+            raise RowError(413, "the request's images exceed its budget of pixels (--max_request_pixels)", row, field)
         try:
-            image = Image.open(source)
-            width, height = image.size  # read from the header: the limit holds before decoding
-            if width * height > self.max_pixels:
-                raise RowError(422, f"image of {width}x{height} pixels exceeds the limit of {self.max_pixels}", row, field)
-            image.load()
-            return image.convert("RGB")
-        except RowError:
-            raise
-        except Exception as error:  # PIL raises many types for corrupt data
-            raise RowError(422, f"the image cannot be decoded ({type(error).__name__})", row, field) from None
+            return self.resize(image), pixels
+        except ValueError as error:  # e.g. an aspect ratio the model's resizing refuses
+            raise RowError(422, f"the image cannot be resized for the model ({error})", row, field) from None
 
-    def _path(self, reference: str, row: int, field: str) -> Path:
+    @staticmethod
+    def _data(reference: str, row: int, field: str) -> io.BytesIO:
+        header, _, payload = reference.partition(",")
+        if not header.endswith(";base64"):
+            raise RowError(422, "a data URL image must be base64 (data:image/png;base64,...)", row, field)
+        try:
+            return io.BytesIO(base64.b64decode(payload, validate=True))
+        except (binascii.Error, ValueError):
+            raise RowError(422, "the data URL is not valid base64", row, field) from None
+
+    def _file(self, reference: str, row: int, field: str):
+        """The file opened once; what is checked is the opened file (its real path and type), so a link swapped in
+        between a check and the open cannot make the server read outside the root."""
         if self.allowed_root is None:
             raise RowError(422, "image paths are refused (the server has no --allowed_image_root); send a data URL", row, field)
-        path = Path(reference.removeprefix("file://"))
-        path = (path if path.is_absolute() else self.allowed_root / path).resolve()
-        if not path.is_relative_to(self.allowed_root):
-            raise RowError(422, f"image path is outside the allowed root {self.allowed_root}", row, field)
-        if not path.is_file():
-            raise RowError(422, f"no image file at {reference}", row, field)
-        return path
+        if "\0" in reference:
+            raise RowError(422, "an image path cannot contain a NUL byte", row, field)
+        path = self.allowed_root / reference.removeprefix("file://")  # an absolute path stays as it is
+        outside = RowError(422, "the image path is not a file under the allowed root", row, field)
+        if not Path(os.path.realpath(path)).is_relative_to(self.allowed_root):
+            raise outside  # refused before opening: opening some files (devices, FIFOs) has effects
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            raise RowError(422, f"no readable image file at {reference}", row, field) from None
+        file = os.fdopen(fd, "rb")
+        if not (stat.S_ISREG(os.fstat(fd).st_mode)
+                and Path(os.readlink(f"/proc/self/fd/{fd}")).is_relative_to(self.allowed_root)):
+            file.close()
+            raise outside
+        return file
 
 
 def chat_messages(messages, row: int, field: str) -> tuple[list[dict], list]:
@@ -334,30 +404,103 @@ class PromptImages:
         return images
 
 
+def texts_of(value) -> list[str]:
+    """The strings of a prompt or response: a string, or the text of chat messages."""
+    if isinstance(value, str):
+        return [value]
+    texts = []
+    for message in value:
+        content = message["content"]
+        texts += [content] if isinstance(content, str) else [part["text"] for part in content if part["type"] == "text"]
+    return texts
+
+
+def vision_tokens(config, tokenizer) -> list[str]:
+    """The model's tokens that mark images and videos (`<|image_pad|>`, `<|vision_start|>`, ...), as its config names
+    them: typed in a text, they would pair an image with the wrong place or break the forward."""
+    ids = {value for key, value in config.to_dict().items()
+           if key.endswith(("_token_id", "_token_index")) and any(w in key for w in ("image", "video", "vision"))
+           and isinstance(value, int)}
+    return sorted(tokenizer.convert_ids_to_tokens(sorted(ids)))
+
+
+def check_texts(item: dict, index: int, field: str | None, forbidden: list[str]) -> None:
+    """Text the tokenizer can encode and that types none of the model's vision tokens."""
+    for key in ("prompt", "response"):
+        for text in texts_of(item[key]):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RowError(422, f"`{key}` is not valid Unicode (an unpaired surrogate)", index, field or key) from None
+            typed = [token for token in forbidden if token in text]
+            if typed:
+                raise RowError(422, f"`{key}` contains {typed[0]}, a special token of the model that marks images; "
+                                    "give images as images, not as tokens in the text", index, field or key)
+
+
+class ParsedRow(NamedTuple):
+    """A request's row checked for shape, its images not decoded yet."""
+
+    item: dict
+    images: list  # references: data URLs or paths
+    index: int
+    text_field: str | None  # the field named when its text is refused (None: `prompt` or `response`)
+    image_field: str = "images"
+    decoder: "ImageDecoder | None" = None  # None: the request's own (paths only under --allowed_image_root)
+
+
 # ---------------------------------------------------------------- batching and metrics
+
+
+class DaemonWorker:
+    """One daemon thread running jobs in order. A daemon, so that SIGTERM is not held up by a forward pass or a decode
+    in progress (a ThreadPoolExecutor's threads are joined at exit); a job cancelled before it starts is skipped."""
+
+    def __init__(self, name: str):
+        self.jobs = queue.SimpleQueue()
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def _work(self):
+        while (job := self.jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:
+                    future.set_exception(error)
+
+    def run(self, fn, *args) -> asyncio.Future:
+        future = concurrent.futures.Future()
+        self.jobs.put((future, fn, args))
+        return asyncio.wrap_future(future)
+
+    def close(self):
+        self.jobs.put(None)
 
 
 @dataclass
 class Pending:
     item: dict
     tokens: int
+    row: int | None  # its index in its request, to name it if the model fails on it
     future: asyncio.Future
 
 
 class DynamicBatcher:
     """Rows of concurrent requests join one batch (up to max_rows / max_tokens, waiting at most `wait_s` for more);
-    the batch goes whole to `score_fn` in a worker thread, one batch at a time."""
+    the batch goes whole to `score_fn` in the scorer's thread, one batch at a time. Rows whose request is gone (timed
+    out, or its client hung up) are skipped."""
 
     def __init__(self, score_fn, max_rows: int, max_tokens: int, wait_s: float, metrics: "Metrics"):
         self.score_fn, self.max_rows, self.max_tokens, self.wait_s = score_fn, max_rows, max_tokens, wait_s
         self.metrics = metrics
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
+        self.worker = DaemonWorker("scorer")
         self.carry: Pending | None = None
 
-    def submit(self, item: dict, tokens: int) -> asyncio.Future:
+    def submit(self, item: dict, tokens: int, row: int | None = None) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self.queue.put_nowait(Pending(item, tokens, future))
+        self.queue.put_nowait(Pending(item, tokens, row, future))
         return future
 
     async def _next(self, timeout: float | None) -> Pending | None:
@@ -375,7 +518,7 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._next(None)
-            if first.future.done():  # its request timed out or was cancelled
+            if first.future.done():
                 continue
             batch, tokens = [first], first.tokens
             deadline = loop.time() + self.wait_s
@@ -398,16 +541,21 @@ class DynamicBatcher:
         return None
 
     async def _score(self, batch: list[Pending]):
+        batch = [pending for pending in batch if not pending.future.done()]
+        if not batch:
+            return
         try:
-            rewards = await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.score_fn, [pending.item for pending in batch])
+            rewards = await self.worker.run(self.score_fn, [pending.item for pending in batch])
         except Exception as error:
-            if len(batch) > 1:  # row by row, so that only the request of the failing row gets the error
-                for pending in batch:
-                    await self._score([pending])
+            if len(batch) > 1:  # halves, so that only the failing row's request gets the error, in log2(rows) steps
+                await self._score(batch[:len(batch) // 2])
+                await self._score(batch[len(batch) // 2:])
                 return
+            logger.error("the model failed on a row", exc_info=error)
             if not batch[0].future.done():
-                batch[0].future.set_exception(error)
+                batch[0].future.set_exception(RowError(
+                    500, f"the model failed on this row ({type(error).__name__}); the server's log has the details",
+                    batch[0].row, "request"))
             return
         self.metrics.observe_batch(len(batch))
         for pending, reward in zip(batch, rewards):
@@ -429,6 +577,9 @@ class Metrics:
         self.latency = Histogram("reward_server_request_seconds", "Time from request to response.", ["endpoint"],
                                  buckets=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
                                  registry=self.registry)
+        self.queued_rows = 0  # accepted and not yet answered (the admission check reads it)
+        Gauge("reward_server_queued_rows", "Rows accepted and not yet answered.",
+              registry=self.registry).set_function(lambda: self.queued_rows)
 
     def observe_request(self, endpoint: str, status: int, seconds: float, rows: int = 0):
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
@@ -445,96 +596,209 @@ class Metrics:
 # ---------------------------------------------------------------- the app
 
 
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol plus what uvicorn lacks, a deadline for a request's headers: a connection that has not
+    sent them `header_timeout_s` after it opened (or after its previous response) is closed, so slow or idle clients
+    cannot hold connections, and their file descriptors, for ever."""
+
+    def __init__(self, *args, header_timeout_s: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s, self.header_deadline = header_timeout_s, None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._arm_header_deadline()
+
+    def connection_lost(self, exc):
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm_header_deadline(self):
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+        self.header_deadline = self.loop.call_later(self.header_timeout_s, self._header_deadline_passed)
+
+    def _header_deadline_passed(self):
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # still no complete request line
+            self.transport.close()
+
+
+def uvicorn_config(app: FastAPI, args: ServerArguments):
+    """uvicorn's own connection limits and timeouts, and the header deadline it lacks."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                          http=functools.partial(HeaderDeadlineProtocol, header_timeout_s=args.header_timeout_s),
+                          limit_concurrency=args.limit_concurrency, timeout_keep_alive=args.timeout_keep_alive,
+                          timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+
+
+def row_token_limit(scorer: RewardScorer, args: ServerArguments) -> int:
+    """--max_row_tokens, else the training max_length the stage scripts save as the tokenizer's model_max_length,
+    else the model's max_position_embeddings."""
+    if args.max_row_tokens:
+        return args.max_row_tokens
+    saved = scorer.renderer.tokenizer.model_max_length
+    if saved and saved < 10**9:  # transformers' "unset" is 1e30
+        return saved
+    return scorer.model.config.get_text_config().max_position_embeddings
+
+
 def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
     """The ASGI app around a loaded scorer (tests and other programs embed it; `main` serves it with uvicorn)."""
     metrics = Metrics()
-    decode = ImageDecoder(args.allowed_image_root, args.max_image_pixels)
+    renderer = scorer.renderer
+    decode = ImageDecoder(args.allowed_image_root, args.max_image_pixels, renderer.load_image)
     prompt_images = PromptImages(args.prompt_images, args.prompt_input_key, args.prompt_image_key) if args.prompt_images else None
     # the operator's own file: its paths were checked at start and are not confined to --allowed_image_root
-    decode_prompt_image = ImageDecoder("/", args.max_image_pixels)
+    decode_prompt_image = ImageDecoder("/", args.max_image_pixels, renderer.load_image)
     # A fast tokenizer is not safe to share between threads: the scorer's thread has its own, validation this copy,
     # in one thread of its own.
-    tokenizer = copy.deepcopy(scorer.renderer.tokenizer)
-    prepare_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validation")
-    accepts_images = scorer.renderer.image_processor is not None
-    image_processor = scorer.renderer.image_processor
-    pixels_per_token = (getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)) ** 2
+    tokenizer = copy.deepcopy(renderer.tokenizer)
+    validation = DaemonWorker("validation")
+    accepts_images = renderer.image_processor is not None
+    pixels_per_token = (getattr(renderer.image_processor, "patch_size", 14) * getattr(renderer.image_processor, "merge_size", 2)) ** 2
+    max_tokens = row_token_limit(scorer, args)
+    forbidden = vision_tokens(scorer.model.config, tokenizer)
     batcher = DynamicBatcher(scorer.score, args.max_batch_rows, args.max_batch_tokens, args.batch_wait_ms / 1000, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # Pillow refuses an image of more than 2 x MAX_IMAGE_PIXELS before decoding it, one nested in a container (ICO)
+        # included: half of --max_image_pixels puts that refusal at the limit. Process-wide, restored on shutdown.
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, args.max_image_pixels / 2
         task = asyncio.create_task(batcher.run())
         yield
         task.cancel()
+        batcher.worker.close()
+        validation.close()
+        Image.MAX_IMAGE_PIXELS = previous
 
-    app = FastAPI(title="reward server", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="reward server", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+    def authorized(request: Request) -> bool:
+        expected = f"Bearer {args.api_key}".encode()
+        return not args.api_key or hmac.compare_digest(request.headers.get("authorization", "").encode(), expected)
 
     def check_key(request: Request) -> None:
-        expected = f"Bearer {args.api_key}".encode()
-        if args.api_key and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+        if not authorized(request):
             raise RowError(401, "missing or wrong API key (Authorization: Bearer KEY)", field="authorization")
 
-    async def read_json(request: Request):
-        check_key(request)
+    async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > args.max_body_bytes:
             raise RowError(413, f"body of {declared} bytes exceeds the limit of {args.max_body_bytes}", field="body")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > args.max_body_bytes:
-                raise RowError(413, f"body exceeds the limit of {args.max_body_bytes} bytes", field="body")
+        try:
+            async with asyncio.timeout(args.body_timeout_s):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > args.max_body_bytes:
+                        raise RowError(413, f"body exceeds the limit of {args.max_body_bytes} bytes", field="body")
+        except TimeoutError:
+            raise RowError(408, f"the body did not arrive within {args.body_timeout_s} s", field="body") from None
+        return bytes(body)
+
+    def parse_body(body: bytes, parse) -> list[ParsedRow]:
+        """JSON -> rows checked for shape (no image decoded yet), in the validation thread."""
         try:
             payload = json.loads(body)
-        except ValueError as error:
-            raise RowError(400, f"the body is not JSON ({error})", field="body") from None
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
+            raise RowError(400, f"the body is not JSON ({type(error).__name__}: {str(error)[:200]})", field="body") from None
         if not isinstance(payload, dict):
             raise RowError(422, "the body is a JSON object", field="body")
-        return payload
+        return parse(payload)
 
-    def prepare(item: dict, image_refs: list, index: int, field: str, decoder=decode) -> tuple[dict, int]:
-        """Decodes the row's images and renders its text once: every check before the row joins a batch."""
+    def prepare_rows(rows: list[ParsedRow]) -> list[tuple[dict, int]]:
+        """Every row's images decoded (within the request's pixel budget) and its tokens counted: all checks done
+        before the rows join a batch."""
+        pixels_left = args.max_request_pixels
+        prepared = []
+        for row in rows:
+            item, tokens, pixels = prepare(row, pixels_left)
+            pixels_left -= pixels
+            prepared.append((item, tokens))
+        return prepared
+
+    def prepare(row: ParsedRow, pixels_left: int) -> tuple[dict, int, int]:
+        item, image_refs, index, text_field, image_field = row.item, row.images, row.index, row.text_field, row.image_field
         if not isinstance(image_refs, list):
-            raise RowError(422, "images are a list", index, field)
+            raise RowError(422, "images are a list", index, image_field)
         if image_refs and not accepts_images:
-            raise RowError(422, "this reward model is text-only and cannot score images", index, field)
+            raise RowError(422, "this reward model is text-only and cannot score images", index, image_field)
         if len(image_refs) > args.max_images_per_row:
-            raise RowError(422, f"{len(image_refs)} images exceed the limit of {args.max_images_per_row} per row", index, field)
-        images = [decoder(ref, index, f"{field}[{i}]") for i, ref in enumerate(image_refs)]
+            raise RowError(422, f"{len(image_refs)} images exceed the limit of {args.max_images_per_row} per row", index, image_field)
+        check_texts(item, index, text_field, forbidden)
         try:
-            text = scorer.renderer.render_text(item["prompt"], item["response"], len(images))
+            text = renderer.render_text(item["prompt"], item["response"], len(image_refs))
         except Exception as error:
-            raise RowError(422, f"the conversation cannot be rendered ({error})", index, "prompt") from None
+            raise RowError(422, f"the conversation cannot be rendered ({type(error).__name__})", index, text_field or "prompt") from None
         placeholders = sum(count_image_parts(to_messages(item[key], "user")) for key in ("prompt", "response"))
-        if placeholders > len(images):
-            hint = "" if images or prompt_images else " (OpenRLHF sends none: start the server with --prompt_images)"
-            raise RowError(422, f"{placeholders} image placeholders but {len(images)} images{hint}", index, field)
-        # Qwen-VL: one token per (patch x merge)^2 pixels after the resize; a rough count is enough to bound a batch.
-        budget = scorer.renderer.max_pixels or 16384 * pixels_per_token
+        if placeholders > len(image_refs):
+            hint = "" if image_refs or prompt_images else " (OpenRLHF sends none: start the server with --prompt_images)"
+            raise RowError(422, f"{placeholders} image placeholders but {len(image_refs)} images{hint}", index, image_field)
+        too_long = f"tokens, past the limit of {max_tokens} per row (--max_row_tokens)"
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        tokens += sum(min(image.width * image.height, budget) // pixels_per_token for image in images)
-        return dict(item, images=images), tokens
+        if tokens > max_tokens:  # before any image is decoded
+            raise RowError(413, f"the text alone has {tokens} {too_long}", index, text_field or "response")
+        images, pixels = [], 0
+        for i, reference in enumerate(image_refs):
+            image, used = (row.decoder or decode)(reference, index, f"{image_field}[{i}]", pixels_left - pixels)
+            images.append(image)
+            pixels += used
+            # The text holds one placeholder token per image, which the processor expands to the image's tokens.
+            tokens += min(image.width * image.height, renderer.max_pixels or 16384 * pixels_per_token) // pixels_per_token - 1
+        if tokens > max_tokens:
+            raise RowError(413, f"the row has {tokens} {too_long}", index, image_field)
+        return dict(item, images=images), tokens, pixels
 
-    async def score_items(rows: list[tuple[dict, int]]) -> list[float]:
-        futures = [batcher.submit(item, tokens) for item, tokens in rows]
+    async def validate_and_score(body: bytes, parse) -> tuple[int, list[float]]:
+        rows = await validation.run(parse_body, body, parse)  # off the event loop: a big body blocks no one
+        if metrics.queued_rows + len(rows) > args.max_queued_rows:
+            raise RowError(503, f"the server's queue is full ({args.max_queued_rows} rows); retry later", field="request")
+        metrics.queued_rows += len(rows)
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), args.request_timeout_s))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(args.request_timeout_s):
+                prepared = await validation.run(prepare_rows, rows)
+                futures = [batcher.submit(item, tokens, index) for index, (item, tokens) in enumerate(prepared)]
+                return len(rows), list(await asyncio.gather(*futures))
+        except TimeoutError:
             raise RowError(504, f"not scored within {args.request_timeout_s} s", field="request") from None
+        finally:
+            metrics.queued_rows -= len(rows)
+
+    async def client_gone(request: Request) -> None:
+        """Returns when the client hangs up (its body is read: uvicorn's next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     async def handle(request: Request, endpoint: str, parse) -> JSONResponse:
         start = time.perf_counter()
-        rows = 0
+        rows, answer, gone = 0, None, None
         try:
-            payload = await read_json(request)
-            prepared = await asyncio.get_running_loop().run_in_executor(prepare_executor, parse, payload)
-            rows = len(prepared)
-            rewards = await score_items(prepared)
+            check_key(request)
+            body = await read_body(request)
+            answer = asyncio.ensure_future(validate_and_score(body, parse))
+            gone = asyncio.ensure_future(client_gone(request))
+            await asyncio.wait([answer, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done():  # nobody is waiting for it: its rows leave the queue
+                raise RowError(499, "the client closed the connection", field="request")
+            rows, rewards = answer.result()
             response = JSONResponse(shape(endpoint, rewards))
         except RowError as error:
             response = error.response()
-        except Exception as error:  # a row the checks let through but the model could not score
-            response = RowError(500, f"scoring failed ({type(error).__name__}: {error})", field="request").response()
+        except Exception:
+            logger.exception("%s failed", endpoint)
+            response = RowError(500, "the server failed on this request; its log has the details", field="request").response()
+        finally:
+            for task in (answer, gone):
+                if task is not None:
+                    task.cancel()
         metrics.observe_request(endpoint, response.status_code, time.perf_counter() - start, rows)
         if response.status_code >= 400:  # RL clients may only log it at INFO (OpenRLHF) or retry it away
             logger.warning("%s %d: %s", endpoint, response.status_code, response.body.decode()[:500])
@@ -555,14 +819,14 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             raise RowError(413, f"{len(rows)} rows exceed the limit of {args.max_rows_per_request}", field=key)
         return rows
 
-    def parse_score(payload: dict) -> list[tuple[dict, int]]:
-        prepared = []
+    def parse_score(payload: dict) -> list[ParsedRow]:
+        parsed = []
         for index, row in enumerate(rows_of(payload, "rows")):
             item, refs = score_row(row, index)
-            prepared.append(prepare(item, refs, index, "images"))
-        return prepared
+            parsed.append(ParsedRow(item, refs, index, "messages" if "messages" in row else None))
+        return parsed
 
-    def parse_get_reward(payload: dict) -> list[tuple[dict, int]]:
+    def parse_get_reward(payload: dict) -> list[ParsedRow]:
         queries = rows_of(payload, "query")
         columns = {}
         for key in ("prompts", "labels", "images"):
@@ -570,15 +834,15 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             if value is not None and (not isinstance(value, list) or len(value) != len(queries)):
                 raise RowError(422, f"`{key}` is a list as long as `query` ({len(queries)})", field=key)
             columns[key] = value or [None] * len(queries)
-        prepared = []
+        parsed = []
         for index, (query, prompt, images) in enumerate(zip(queries, columns["prompts"], columns["images"])):
             item = reward_query(query, prompt, index)
             if images is None and prompt_images is not None:
-                prepared.append(prepare(item, prompt_images.images(item["prompt"], index), index, "query",
+                parsed.append(ParsedRow(item, prompt_images.images(item["prompt"], index), index, "query", "query",
                                         decode_prompt_image))
             else:
-                prepared.append(prepare(item, images or [], index, "images"))
-        return prepared
+                parsed.append(ParsedRow(item, images or [], index, "query"))
+        return parsed
 
     @app.post("/score")
     async def score(request: Request):
@@ -589,7 +853,9 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
         return await handle(request, "/get_reward", parse_get_reward)
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not authorized(request):  # liveness only: nothing about the model without the key
+            return {"status": "ok"}
         return {"status": "ok", "model": args.model_name_or_path, "images": accepts_images}
 
     @app.get("/metrics")
@@ -613,7 +879,9 @@ def main(argv=None):
     scorer = RewardScorer.from_pretrained(args.model_name_or_path, dtype=args.dtype, batch_size=args.batch_size,
                                           attn_implementation=args.attn_implementation,
                                           min_pixels=budget.min_pixels, max_pixels=budget.max_pixels)
-    uvicorn.run(build_app(scorer, args), host=args.host, port=args.port, log_level="warning")
+    # Pillow warns from half the limit up (see build_app); what passes is within --max_image_pixels.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    uvicorn.Server(uvicorn_config(build_app(scorer, args), args)).run()
 
 
 if __name__ == "__main__":
