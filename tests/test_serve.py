@@ -229,7 +229,11 @@ def test_text_only_model_refuses_images_and_api_key_is_enforced(tiny_checkpoints
     row = {"prompt": "Is 4 even?", "response": "yes"}
     with ServerThread(build_app(text_scorer, args), args) as running, httpx.Client(base_url=running.url, timeout=60) as client:
         assert client.post("/score", json={"rows": [row]}).status_code == 401
+        assert client.get("/health").json() == {"status": "ok"}  # liveness only: nothing about the model
+        assert client.get("/metrics").status_code == 401
+        assert all(client.get(path).status_code == 404 for path in ("/openapi.json", "/docs", "/redoc"))
         auth = {"authorization": "Bearer secret"}
+        assert client.get("/health", headers=auth).json()["model"] == str(model)
         refused = client.post("/score", json={"rows": [row, dict(row, images=[data_url(image("red"))])]}, headers=auth)
         assert refused.status_code == 422
         assert (refused.json()["error"]["row"], refused.json()["error"]["field"]) == (1, "images")
