@@ -8,7 +8,7 @@ from .conversation import (
 )
 from .packed_pair_collator import PackedPairCollator, pair_collator_for
 from .pair_collator import PairCollator
-from .preference_data import PreferenceDataArguments, load_preference_mixture, load_training_data
+from .preference_data import PreferenceDataArguments, load_preference_mixture, load_training_data, write_data_report
 
 __all__ = [
     "ConversationRenderer",
@@ -23,4 +23,5 @@ __all__ = [
     "pixel_budget",
     "set_pixel_budget",
     "to_messages",
+    "write_data_report",
 ]

@@ -6,13 +6,15 @@ Schema (one row = one pair), from a hub id or a local .jsonl / .json / .parquet 
     prompt    a string, or chat messages [{"role": "user", "content": ...}, ...]
     chosen    the preferred response: a string, or assistant messages
     rejected  the other response, same form
-    margin    optional float: the loss becomes -log sigmoid(r+ - r- - margin), as in TRL
+    margin    optional float: the loss becomes -log sigmoid(r+ - r- - margin), as in TRL; finite and at most
+              `max_abs_margin` (100 by default) in size, else the row is a `bad_margin` drop
     source    optional string, kept for reports
 
 Every row is checked once, before training: images decode, responses are non-empty and differ, and both
 rendered sequences fit `max_length` (a response is never cut: its last token is the one scored). Bad rows
 are dropped and counted per reason (`bad_rows=drop`, the default) or stop the run with an error naming the
-file and the row (`bad_rows=error`); the per-source report is logged and returned. Rows count from 0, as
+file and the row (`bad_rows=error`); the per-source report is logged and returned, and `write_data_report` writes
+it beside a checkpoint with every dropped row listed (file, row, reason). Rows count from 0, as
 `datasets` indexes them (row 0 is the first line of a .jsonl file). The check runs on the files as they are at
 every load, never from `datasets`' cache. An empty source, or a mixture with no row left, is an error with the
 report's table.
@@ -20,6 +22,7 @@ report's table.
 
 import json
 import logging
+import math
 import os
 import uuid
 from collections import Counter
@@ -34,6 +37,7 @@ from .conversation import ConversationRenderer, PixelBudgetArguments, open_image
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+DATA_REPORT_FILE, DROPPED_ROWS_FILE = "data_report.json", "dropped_rows.jsonl"
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -49,6 +53,11 @@ class PreferenceDataArguments(PixelBudgetArguments):
     dataset_split: str = field(default="train", metadata={"help": "Split of hub datasets."})
     eval_dataset_mixture: dict | str | None = field(default=None, metadata={"help": "Same form, for evaluation."})
     bad_rows: str = field(default="drop", metadata={"help": "drop: count and report bad rows; error: stop at the first."})
+    max_abs_margin: float = field(
+        default=100.0,
+        metadata={"help": "Largest |margin| kept: a larger or non-finite margin is a bad_margin drop (a margin of 1e30 "
+                  "makes the loss 1e30, 1e40 overflows fp32)."},
+    )
     pack_pairs: bool = field(
         default=True,
         metadata={"help": "One forward per pair with a shared prompt (the image encoded once); falls back to two rows "
@@ -130,8 +139,10 @@ def message_problem(value) -> str | None:
 class RowChecker:
     """Normalises one row to the canonical form and finds what is wrong with it ('' when nothing)."""
 
-    def __init__(self, name, base_dir, renderer: ConversationRenderer, max_length: int | None, strict: bool):
+    def __init__(self, name, base_dir, renderer: ConversationRenderer, max_length: int | None, strict: bool,
+                 max_abs_margin: float = 100.0):
         self.name, self.base_dir, self.renderer, self.max_length, self.strict = name, base_dir, renderer, max_length, strict
+        self.max_abs_margin = max_abs_margin
 
     def __call__(self, row: dict, index: int) -> dict:
         out = {"images": [], "prompt": [], "chosen": [], "rejected": [], "source": str(row.get("source") or self.name),
@@ -163,8 +174,11 @@ class RowChecker:
         out["images"] = [_image_entry(image, self.base_dir) for image in images]
         if "margin" in row:
             margin = row["margin"]
-            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)):
                 return "bad_margin", f"margin must be a number, got {margin!r:.80}"
+            if not math.isfinite(margin) or abs(margin) > self.max_abs_margin:
+                return "bad_margin", (f"margin {margin!r} is not finite or exceeds max_abs_margin "
+                                      f"{self.max_abs_margin} in size")
             out["margin"] = float(margin)
         return None
 
@@ -216,11 +230,13 @@ def load_preference_mixture(
     max_pixels: int | None = None,
     seed: int = 42,
     num_proc: int | None = None,
+    max_abs_margin: float = 100.0,
 ) -> tuple[Dataset, dict]:
     """Loads every source, checks each row, drops bad ones by policy, applies weights and concatenates.
 
     Returns the mixed dataset (canonical columns: images, prompt, chosen, rejected, source[, margin])
-    and a report {source: {rows, kept, dropped: {reason: n}, examples: {reason: message}}}.
+    and a report {source: {rows, kept, dropped: {reason: n}, examples: {reason: message}, dropped_rows: [...]}}, where
+    dropped_rows lists every dropped row as {file, row, reason, message}.
     """
     if not mixture:
         raise ValueError("no dataset given: set dataset_mixture, e.g. {\"data/pairs.jsonl\": 1.0}")
@@ -238,7 +254,8 @@ def load_preference_mixture(
         if len(dataset) == 0:
             raise ValueError(f"{name}: no rows")
         dataset = _undecoded_images(dataset)
-        checker = RowChecker(name, base_dir, renderer, max_length, strict=bad_rows == "error")
+        checker = RowChecker(name, base_dir, renderer, max_length, strict=bad_rows == "error",
+                             max_abs_margin=max_abs_margin)
         # A fingerprint of its own at every load: datasets keys its cache on the data file, not on the images, which
         # may have been fixed or broken since; every later step (filter, cast) then runs afresh too.
         checked = dataset.map(
@@ -246,10 +263,12 @@ def load_preference_mixture(
             remove_columns=dataset.column_names, new_fingerprint=f"row-check-{uuid.uuid4().hex}",
         )
         reasons = Counter(checked["drop_reason"])
+        dropped_rows = [{"file": name, "row": row, "reason": reason, "message": detail}
+                        for row, (reason, detail) in enumerate(zip(checked["drop_reason"], checked["drop_detail"]))
+                        if reason]
         examples = {}
-        for reason, detail in zip(checked["drop_reason"], checked["drop_detail"]):
-            if reason and reason not in examples:
-                examples[reason] = detail
+        for dropped in dropped_rows:
+            examples.setdefault(dropped["reason"], dropped["message"])
         kept = checked.filter(lambda r: r == "", input_columns="drop_reason")
         kept = kept.remove_columns(["drop_reason", "drop_detail"])
         report[name] = {
@@ -258,6 +277,7 @@ def load_preference_mixture(
             "dropped": {reason: n for reason, n in reasons.items() if reason},
             "examples": examples,
             "weight": weight,
+            "dropped_rows": dropped_rows,
         }
         has_margin |= "margin" in kept.column_names
         parts.append(_weighted(kept, weight, seed))
@@ -283,12 +303,25 @@ def format_report(report: dict, total: int) -> str:
     return "\n".join(lines)
 
 
+def write_data_report(report: dict, output_dir: str | os.PathLike) -> None:
+    """data_report.json (rows, kept and drops per reason of each source) and dropped_rows.jsonl beside it: every
+    dropped row, one line each, {split, file, row, reason, message}."""
+    splits = report if set(report) == {"train", "eval"} else {"train": report}
+    summary = {split: {name: {key: value for key, value in entry.items() if key != "dropped_rows"}
+                       for name, entry in sources.items()} for split, sources in splits.items()}
+    dropped = [{"split": split, **row} for split, sources in splits.items()
+               for entry in sources.values() for row in entry["dropped_rows"]]
+    output_dir = Path(output_dir)
+    (output_dir / DATA_REPORT_FILE).write_text(json.dumps(summary if splits is report else summary["train"], indent=2))
+    (output_dir / DROPPED_ROWS_FILE).write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in dropped))
+
+
 def load_training_data(data_args: PreferenceDataArguments, processing_class, training_args):
     """Train (and optional eval) mixtures as a recipe configures them; returns (train, eval, report)."""
     load = dict(
         processing_class=processing_class, max_length=training_args.max_length, split=data_args.dataset_split,
         bad_rows=data_args.bad_rows, min_pixels=data_args.min_pixels, max_pixels=data_args.max_pixels,
-        seed=training_args.seed, num_proc=training_args.dataset_num_proc,
+        seed=training_args.seed, num_proc=training_args.dataset_num_proc, max_abs_margin=data_args.max_abs_margin,
     )
     train, report = load_preference_mixture(data_args.dataset_mixture, **load)
     evaluation = None

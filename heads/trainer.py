@@ -18,7 +18,8 @@ from trl import RewardConfig, RewardTrainer
 from collators import PairCollator
 
 from .sharding import check_launch
-from .value_head import VALUE_HEAD_FILE
+from .lora import ADAPTER_DIR
+from .value_head import VALUE_HEAD_FILE, unreadable_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -28,32 +29,37 @@ SCHEMA_COLUMNS = ["images", "prompt", "chosen", "rejected", "margin"]
 COMPLETE_CHECKPOINT_FILES = (VALUE_HEAD_FILE, TRAINER_STATE_NAME)
 
 
-def missing_checkpoint_files(checkpoint: str | os.PathLike) -> list[str]:
-    return [name for name in COMPLETE_CHECKPOINT_FILES if not (Path(checkpoint) / name).is_file()]
+def checkpoint_problems(checkpoint: str | os.PathLike) -> list[str]:
+    """Why a checkpoint cannot be resumed from (empty when it can): a file its save writes last is missing, or a
+    weight file is absent, cut short or lacks tensors its index names."""
+    missing = [f"no {name}" for name in COMPLETE_CHECKPOINT_FILES if not (Path(checkpoint) / name).is_file()]
+    adapter = (f"{ADAPTER_DIR}/adapter_model.safetensors",) if (Path(checkpoint) / ADAPTER_DIR).is_dir() else ()
+    return missing or unreadable_weight_files(checkpoint, extra=(VALUE_HEAD_FILE, *adapter))
 
 
 def resume_checkpoint(args) -> str | None:
     """The checkpoint `--resume_from_checkpoint` asks for: `true` is the latest complete checkpoint-N in output_dir
-    (one cut short by a kill during its save is skipped, with a warning), a path must be a complete checkpoint."""
+    (one cut short by a kill during its save, or with a damaged weight file, is skipped with a warning), a path must
+    be a complete checkpoint."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("false", "no", ""):
         return None
     if str(value).lower() not in ("true", "yes", "1"):
         if not Path(value).is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such directory")
-        missing = missing_checkpoint_files(value)
-        if missing:
-            raise ValueError(f"--resume_from_checkpoint {value} is incomplete (no {', '.join(missing)}): its save was "
-                             "interrupted; resume from an earlier checkpoint or --resume_from_checkpoint true")
+        problems = checkpoint_problems(value)
+        if problems:
+            raise ValueError(f"--resume_from_checkpoint {value} is incomplete or damaged ({'; '.join(problems)}): "
+                             "resume from an earlier checkpoint, or --resume_from_checkpoint true")
         return str(value)
     numbered = [(int(m.group(1)), path) for path in Path(args.output_dir).glob("checkpoint-*")
                 if path.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", path.name))]
     for _, path in sorted(numbered, reverse=True):
-        missing = missing_checkpoint_files(path)
-        if not missing:
+        problems = checkpoint_problems(path)
+        if not problems:
             logger.info("Resuming from %s", path)
             return str(path)
-        logger.warning("Skipping %s: incomplete (no %s), its save was interrupted", path, ", ".join(missing))
+        logger.warning("Skipping %s: incomplete or damaged (%s)", path, "; ".join(problems))
     raise FileNotFoundError(f"--resume_from_checkpoint true: no complete checkpoint-N in {args.output_dir}")
 
 
@@ -92,7 +98,18 @@ class VLRewardTrainer(RewardTrainer):
             # A packed batch has one row per pair, the plain one two; attention_mask marks the real tokens in both.
             self._throughput["pairs"] += inputs["input_ids"].shape[0] // (1 if "segment_ids" in inputs else 2)
             self._throughput["tokens"] += int(inputs["attention_mask"].sum())
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # The Trainer leaves a nan / inf loss out of its logs (logging_nan_inf_filter) and steps on: stop instead.
+        # Every process checks every process's loss (one gather, as TRL's metrics do), so all stop together.
+        loss = result[0] if return_outputs else result
+        losses = self.accelerator.gather(loss.detach().float().reshape(1))
+        if not torch.isfinite(losses).all():
+            raise FloatingPointError(
+                f"The loss is {losses.tolist()} at step {self.state.global_step}: training stops rather than go on "
+                "from a non-finite loss. Margins are bounded by --max_abs_margin; otherwise lower the learning rate "
+                "or train in fp32 / bf16 rather than fp16."
+            )
+        return result
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # pairs/s and non-pad tokens/s on this process since the last log.

@@ -12,12 +12,14 @@ Checkpoint layout (the Skywork-VL-Reward-7B release, LLaMA-Factory reward models
     value_head.safetensors                              <- v_head.summary.weight [1, hidden], v_head.summary.bias [1]
 """
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -32,6 +34,7 @@ from .sharding import vision_tower_before_language_model, vision_tower_must_run
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 LEGACY_VALUE_HEAD_FILE = "value_head.bin"  # older LLaMA-Factory / TRL saves
+SAFETENSORS_INDEX, SINGLE_SAFETENSORS = "model.safetensors.index.json", "model.safetensors"
 
 
 class Float32Linear(nn.Linear):
@@ -96,7 +99,10 @@ def find_value_head_file(path: str | os.PathLike, **hub_kwargs) -> str | None:
 
 def load_value_head_state(file: str, hidden_size: int | None = None) -> dict[str, torch.Tensor]:
     """The head's two tensors, checked: exactly the two keys, shaped as a head on `hidden_size` (when given)."""
-    state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu")
+    try:
+        state = load_file(file) if file.endswith(".safetensors") else torch.load(file, map_location="cpu")
+    except Exception as error:  # SafetensorError, pickle and zip errors: a file cut short or not a head at all
+        raise ValueError(f"{file} cannot be read ({error}): it is cut short or corrupt; save or copy it again") from error
     weight = state.get("v_head.summary.weight")
     hidden_size = hidden_size or (weight.shape[-1] if weight is not None else 0)
     expected = {"v_head.summary.weight": (1, hidden_size), "v_head.summary.bias": (1,)}
@@ -118,6 +124,38 @@ def keep_used_weight_conversions(model: nn.Module) -> None:
     conversions = getattr(model, "_weight_conversions", None)
     if conversions:
         model._weight_conversions = [conversion for conversion in conversions if conversion.was_used()]
+
+
+def weight_shards(directory: str | os.PathLike) -> dict[str, list[str]]:
+    """The base model's safetensors files in a saved directory and the tensors each should hold: those its index
+    names, or model.safetensors (tensors unknown: [])."""
+    index = Path(directory) / SAFETENSORS_INDEX
+    if not index.is_file():
+        return {SINGLE_SAFETENSORS: []}
+    shards = {}
+    for key, shard in json.loads(index.read_text())["weight_map"].items():
+        shards.setdefault(shard, []).append(key)
+    return shards
+
+
+def unreadable_weight_files(directory: str | os.PathLike, extra: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with a saved model's weights (empty when nothing): each shard (and each `extra` file) must
+    exist, open as safetensors (a file cut short by a kill or a partial copy does not) and hold what the index says."""
+    problems = []
+    for name, keys in [*weight_shards(directory).items(), *((name, []) for name in extra)]:
+        path = Path(directory) / name
+        if not path.is_file():
+            problems.append(f"{path} does not exist" + (" (a dangling link)" if path.is_symlink() else ""))
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                absent = sorted(set(keys) - set(file.keys()))
+        except Exception as error:  # SafetensorError for a cut header or body
+            problems.append(f"{path} cannot be read ({error}): it is cut short or corrupt")
+            continue
+        if absent:
+            problems.append(f"{path} lacks {len(absent)} tensor(s) its index names, e.g. {absent[0]}")
+    return problems
 
 
 def check_model_path(path: str | os.PathLike) -> None:

@@ -14,7 +14,6 @@ LoRA on one GPU (saved with the adapters merged, and the adapter alone in adapte
         --use_peft true --lora_r 32 --lora_alpha 16 --learning_rate 1e-4
 """
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -24,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and colla
 from transformers import AutoProcessor, set_seed
 from trl import ModelConfig, RewardConfig, TrlParser, get_peft_config
 
-from collators import PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget
+from collators import (
+    PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget, write_data_report,
+)
 from heads import (
     RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, apply_lora, check_model_config,
     resume_checkpoint,
@@ -65,7 +66,7 @@ def main(data_args, model_args, training_args, model_config):
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        (Path(training_args.output_dir) / "data_report.json").write_text(json.dumps(report, indent=2))
+        write_data_report(report, training_args.output_dir)  # data_report.json, dropped_rows.jsonl
     if training_args.push_to_hub:
         trainer.push_to_hub()
 

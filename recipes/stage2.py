@@ -10,7 +10,6 @@ Vision encoder frozen as in stage 1. AdamW, lr 1e-6, 2 epochs, batch size 1.
 A LoRA stage 1 saved a merged reward model: stage 2 starts from it as from any other, with or without --use_peft.
 """
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # heads/ and colla
 from transformers import AutoProcessor, set_seed
 from trl import ModelConfig, RewardConfig, TrlParser, get_peft_config
 
-from collators import PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget
+from collators import (
+    PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget, write_data_report,
+)
 from heads import (
     RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, apply_lora, check_model_config,
     resume_checkpoint,
@@ -63,7 +64,7 @@ def main(data_args, model_args, training_args, model_config):
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
-        (Path(training_args.output_dir) / "data_report.json").write_text(json.dumps(report, indent=2))
+        write_data_report(report, training_args.output_dir)  # data_report.json, dropped_rows.jsonl
     if training_args.push_to_hub:
         trainer.push_to_hub()
 

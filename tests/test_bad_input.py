@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from trl import ModelConfig, RewardConfig, TrlParser
 
 from collators import PreferenceDataArguments, load_preference_mixture
 from collators.preference_data import BadRowError
-from heads import RewardModelArguments, RewardScorer, ValueHeadRewardModel
+from heads import RewardModelArguments, RewardScorer, ValueHeadRewardModel, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,6 +96,24 @@ def test_non_numeric_margin_is_counted(processor, data_dir):
     path = write_jsonl(data_dir / "pairs.jsonl", [dict(GOOD, margin=0.5), dict(GOOD, margin="high")])
     dataset, report = load_preference_mixture({str(path): 1.0}, processor, max_length=256)
     assert report[str(path)]["dropped"] == {"bad_margin": 1} and dataset["margin"] == [0.5]
+
+
+# (max_abs_margin, margin) -> kept; a margin of 1e30 made the step loss 1e29, 1e40 (inf in fp32) a loss logged as 0
+MARGINS = [(100.0, 0.5, True), (100.0, -100.0, True), (100.0, 100.5, False), (100.0, -1e30, False),
+           (100.0, 1e30, False), (100.0, 1e40, False), (100.0, float("nan"), False), (1e31, 1e30, True),
+           (float("inf"), 1e308, True), (float("inf"), float("nan"), False)]
+
+
+@pytest.mark.parametrize("bound, margin, kept", MARGINS)
+def test_margins_must_be_finite_and_within_the_bound(processor, data_dir, bound, margin, kept):
+    path = write_jsonl(data_dir / "pairs.jsonl", [dict(GOOD, margin=1.0), dict(GOOD, margin=margin)])
+    dataset, report = load_preference_mixture({str(path): 1.0}, processor, max_length=256, max_abs_margin=bound)
+    assert dataset["margin"] == ([1.0, margin] if kept else [1.0])
+    assert report[str(path)]["dropped"] == ({} if kept else {"bad_margin": 1})
+    if not kept:
+        assert report[str(path)]["dropped_rows"] == [{"file": str(path), "row": 1, "reason": "bad_margin", "message":
+                                                      f"{path}: row 1: margin {margin!r} is not finite or exceeds "
+                                                      f"max_abs_margin {bound} in size"}]
 
 
 def test_empty_file_is_named(processor, data_dir):
@@ -389,14 +408,96 @@ def test_resume_true_skips_a_checkpoint_cut_short(tiny_checkpoints, data_dir):
     data = write_jsonl(data_dir / "pairs.jsonl", [GOOD, dict(GOOD, chosen="blue", rejected="red")])
     base = tiny_checkpoints("qwen2_5_vl")
     out = train(base, data, data_dir / "run", "--save_strategy", "steps", "--save_steps", "1")
-    (out / "checkpoint-2" / "trainer_state.json").unlink()  # killed while saving step 2
-    (out / "checkpoint-2" / "value_head.safetensors").unlink()
+    head = out / "checkpoint-2" / "value_head.safetensors"
+    head.write_bytes(head.read_bytes()[:-100])  # cut short (a full disk): it was a raw SafetensorError naming no file
     resumed = train(base, data, out, "--save_strategy", "steps", "--save_steps", "1", "--resume_from_checkpoint", "true")
     state = json.loads((resumed / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and (resumed / "checkpoint-2" / "value_head.safetensors").is_file()
-    with pytest.raises(ValueError, match=r"checkpoint-1 is incomplete"):
+    with pytest.raises(ValueError, match=r"checkpoint-1 is incomplete or damaged \(no trainer_state\.json\)"):
         (out / "checkpoint-1" / "trainer_state.json").unlink()
         train(base, data, out, "--resume_from_checkpoint", str(out / "checkpoint-1"))
+
+
+def checkpoint(directory: Path, state: str = "complete", sharded: bool = False) -> Path:
+    """A checkpoint-N as the Trainer leaves it: weights, value head, trainer_state.json; or one part damaged."""
+    directory.mkdir(parents=True)
+    shards = {"model-00001-of-00002.safetensors": "a", "model-00002-of-00002.safetensors": "b"} if sharded else \
+        {"model.safetensors": "a"}
+    for name, key in shards.items():
+        save_file({key: torch.ones(64)}, str(directory / name))
+    if sharded:
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {v: k for k, v in shards.items()}}))
+    save_file({"v_head.summary.weight": torch.ones(1, 8), "v_head.summary.bias": torch.ones(1)},
+              str(directory / "value_head.safetensors"))
+    (directory / "trainer_state.json").write_text("{}")
+    if state == "no trainer_state.json":
+        (directory / "trainer_state.json").unlink()
+    elif state.startswith("cut "):
+        path = directory / state.removeprefix("cut ")
+        path.write_bytes(path.read_bytes()[:-10])
+    elif state.startswith("dangling "):
+        path = directory / state.removeprefix("dangling ")
+        path.unlink()
+        path.symlink_to(directory / "elsewhere.safetensors")
+    elif state == "index names a missing tensor":
+        index = directory / "model.safetensors.index.json"
+        index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                    "c": "model-00001-of-00002.safetensors"}}))
+    return directory
+
+
+# checkpoints in output_dir {step: state} -> the one --resume_from_checkpoint true takes (None: none is usable)
+RESUME_CASES = [
+    ({1: "complete", 2: "complete", 3: "complete"}, 3),
+    ({1: "complete", 2: "complete", 3: "no trainer_state.json"}, 2),
+    ({1: "complete", 2: "complete", 3: "cut value_head.safetensors"}, 2),
+    ({1: "complete", 2: "complete", 3: "cut model.safetensors"}, 2),
+    ({1: "complete", 2: "complete", 3: "cut model-00002-of-00002.safetensors"}, 2),
+    ({1: "complete", 2: "complete", 3: "dangling model-00001-of-00002.safetensors"}, 2),
+    ({1: "complete", 2: "complete", 3: "index names a missing tensor"}, 2),
+    ({1: "complete", 9: "complete", 10: "complete"}, 10),  # by step, not by name
+    ({1: "cut value_head.safetensors"}, None),
+]
+
+
+@pytest.mark.parametrize("checkpoints, expected", RESUME_CASES)
+def test_resume_true_takes_the_newest_usable_checkpoint(tmp_path, caplog, checkpoints, expected):
+    for step, state in checkpoints.items():
+        checkpoint(tmp_path / f"checkpoint-{step}", state, sharded="model-0" in state or "index" in state)
+    args = SimpleNamespace(resume_from_checkpoint="true", output_dir=str(tmp_path))
+    if expected is None:
+        with pytest.raises(FileNotFoundError, match="no complete checkpoint-N"):
+            resume_checkpoint(args)
+    else:
+        assert resume_checkpoint(args) == str(tmp_path / f"checkpoint-{expected}")
+    damaged = [(step, state) for step, state in checkpoints.items() if state != "complete"]
+    for step, state in damaged:  # the warning names the checkpoint and the file
+        assert f"Skipping {tmp_path / f'checkpoint-{step}'}: incomplete or damaged" in caplog.text
+        assert state.split(" ")[-1] in caplog.text or "tensor(s) its index names" in caplog.text
+        args.resume_from_checkpoint = str(tmp_path / f"checkpoint-{step}")
+        with pytest.raises(ValueError, match=rf"checkpoint-{step} is incomplete or damaged"):
+            resume_checkpoint(args)
+
+
+def test_every_dropped_row_is_listed_beside_the_data_report(tiny_checkpoints, data_dir):
+    rows = [GOOD, dict(GOOD, margin=1e30), dict(GOOD, chosen=None), GOOD, dict(GOOD, margin=-1e30),
+            dict(GOOD, images=["img/nowhere.png"])]
+    data = write_jsonl(data_dir / "pairs.jsonl", [dict(row, margin=row.get("margin", 0.0)) for row in rows])
+    out = train(tiny_checkpoints("qwen2_5_vl"), data, data_dir / "run", "--save_strategy", "no")
+    dropped = [json.loads(line) for line in (out / "dropped_rows.jsonl").read_text().splitlines()]
+    assert [(row["split"], row["file"], row["row"], row["reason"]) for row in dropped] == [
+        ("train", str(data), 1, "bad_margin"), ("train", str(data), 2, "bad_response"),
+        ("train", str(data), 4, "bad_margin"), ("train", str(data), 5, "missing_image")]
+    report = json.loads((out / "data_report.json").read_text())[str(data)]
+    assert report["dropped"] == {"bad_margin": 2, "bad_response": 1, "missing_image": 1} and report["kept"] == 2
+    assert "dropped_rows" not in report
+
+
+def test_a_non_finite_loss_stops_training(tiny_checkpoints, data_dir):
+    data = write_jsonl(data_dir / "pairs.jsonl", [dict(GOOD, margin=1e40), dict(GOOD, margin=0.0)])  # inf in fp32
+    with pytest.raises(FloatingPointError, match=r"The loss is \[inf\] at step 0: training stops"):
+        train(tiny_checkpoints("qwen2_5_vl"), data, data_dir / "run", "--max_abs_margin", "inf",
+              "--save_strategy", "no")
 
 
 def test_make_stage1_without_gpus_says_so():
