@@ -1,6 +1,7 @@
 """recipes/serve/export_vllm.py: the layout vLLM's pooling runner reads (the real vLLM check is tests/serving)."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -96,3 +97,69 @@ def test_refuses_what_it_cannot_convert(vl_model, tiny_checkpoints, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "recipes/serve/export_vllm.py"), str(tiny_checkpoints("qwen2")),
                              str(tmp_path / "f")], capture_output=True, text=True)
     assert result.returncode != 0 and "not a reward model" in result.stderr
+
+
+def hub_cache_snapshot(model: Path, cache: Path) -> Path:
+    """The model as the hub cache lays it out: files in blobs/, the snapshot a folder of relative links to them."""
+    (cache / "blobs").mkdir(parents=True)
+    snapshot = cache / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for number, file in enumerate(sorted(model.iterdir())):
+        shutil.copy(file, cache / "blobs" / f"blob{number}")
+        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", f"blob{number}"))
+    return snapshot
+
+
+def test_symlinked_shards_are_exported_as_files(vl_model, tmp_path):
+    snapshot = hub_cache_snapshot(vl_model, tmp_path / "cache")
+    out = export_vllm(snapshot, tmp_path / "vllm")
+    direct = export_vllm(vl_model, tmp_path / "direct")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in direct.iterdir())
+    for path in out.iterdir():
+        assert not path.is_symlink() and path.read_bytes() == (direct / path.name).read_bytes(), path.name
+    shard = "model-00001-of-00001.safetensors"
+    assert os.path.samefile(out / shard, (snapshot / "model.safetensors").resolve())  # the blob, hard-linked
+
+
+def cut(path: Path):
+    """Cut short, as a kill during a save or a partial download leaves it."""
+    path.resolve().write_bytes(path.resolve().read_bytes()[:-64])
+
+
+def index_naming_a_missing_shard(model: Path):
+    keys = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        **{key: "model.safetensors" for key in keys}, "extra.weight": "model-00002-of-00002.safetensors"}}))
+
+
+# damage done to the source -> the error, which names the file; each was exported with exit 0 or a raw SafetensorError
+DAMAGED_SOURCES = {
+    "a dangling shard link": (lambda model: (model / "model.safetensors").resolve().unlink(),
+                              r"model\.safetensors is a link to \.\./\.\./blobs/blob\d+, which does not exist"),
+    "a dangling head link": (lambda model: (model / "value_head.safetensors").resolve().unlink(),
+                             r"value_head\.safetensors is a link to .*, which does not exist"),
+    "a shard cut short": (lambda model: cut(model / "model.safetensors"),
+                          r"snapshots/0123abc/model\.safetensors cannot be read .*: it is cut short or corrupt"),
+    "a value head cut short": (lambda model: cut(model / "value_head.safetensors"),
+                               r"value_head\.safetensors cannot be read .*: it is cut short or corrupt"),
+    "an index naming a missing shard": (index_naming_a_missing_shard,
+                                        r"model-00002-of-00002\.safetensors does not exist"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_SOURCES))
+def test_damaged_sources_are_refused_naming_the_file(vl_model, tmp_path, damage):
+    snapshot = hub_cache_snapshot(vl_model, tmp_path / "cache")
+    harm, error = DAMAGED_SOURCES[damage]
+    harm(snapshot)
+    with pytest.raises(ExportError, match=error):
+        export_vllm(snapshot, tmp_path / "vllm")
+
+
+def test_command_line_names_the_damaged_file(vl_model, tmp_path):
+    snapshot = hub_cache_snapshot(vl_model, tmp_path / "cache")
+    cut(snapshot / "value_head.safetensors")
+    result = subprocess.run([sys.executable, str(ROOT / "recipes/serve/export_vllm.py"), str(snapshot),
+                             str(tmp_path / "vllm")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert re.search(r"export_vllm: .*value_head\.safetensors cannot be read .*cut short", result.stderr), result.stderr

@@ -3,7 +3,9 @@
 vLLM serves a scalar reward model as a sequence classifier with one label: the family's *ForSequenceClassification
 architecture, last-token pooling, and the head as a Linear named `score` on the text model. The export is the
 source directory with a new config.json, the value head renamed into its own shard, and the base shards hard-linked
-(copied where a link is impossible), so a 7B export costs no disk.
+(copied where a link is impossible), so a 7B export costs no disk. Symlinked files (the hub cache's snapshots link
+to its blobs) are resolved: the export holds the files themselves. Every shard the source's index names must exist,
+open and hold its tensors (a file cut short by a kill or a partial download is an error naming it).
 
     python recipes/serve/export_vllm.py outputs/qwen2.5-vl-7b-reward/stage2 outputs/qwen2.5-vl-7b-reward/vllm
     vllm serve outputs/qwen2.5-vl-7b-reward/vllm --runner pooling --max-model-len 8192
@@ -24,13 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from heads.value_head import LEGACY_VALUE_HEAD_FILE, VALUE_HEAD_FILE, find_value_head_file, load_value_head_state
+from heads.value_head import (
+    LEGACY_VALUE_HEAD_FILE,
+    SAFETENSORS_INDEX as INDEX_FILE,
+    SINGLE_SAFETENSORS as SINGLE_FILE,
+    VALUE_HEAD_FILE,
+    find_value_head_file,
+    load_value_head_state,
+    unreadable_weight_files,
+)
 
 SCORE_FILE = "score.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # A single-file base checkpoint is linked under a shard name: beside a model.safetensors, loaders (transformers)
 # would read that file alone and miss the score shard the index lists.
-SINGLE_FILE, SINGLE_SHARD = "model.safetensors", "model-00001-of-00001.safetensors"
+SINGLE_SHARD = "model-00001-of-00001.safetensors"
 # Where vLLM's sequence-classification adapter puts the score layer: on the inner text model of these VLMs.
 VL_SCORE_PREFIX = {
     "qwen2_vl": "language_model.score",
@@ -76,13 +85,15 @@ def classification_config(config: dict) -> dict:
 
 
 def weight_map(src: Path) -> dict[str, str]:
-    """tensor name -> shard file of the base checkpoint."""
-    index = src / INDEX_FILE
+    """tensor name -> shard file of the base checkpoint, whose every shard exists, opens and holds its tensors."""
+    index, single = src / INDEX_FILE, src / SINGLE_FILE
+    if not index.is_file() and not single.is_file():
+        raise ExportError(f"{src} has neither {INDEX_FILE} nor {SINGLE_FILE} (vLLM loads safetensors only)")
+    problems = unreadable_weight_files(src)
+    if problems:
+        raise ExportError("; ".join(problems))
     if index.is_file():
         return dict(json.loads(index.read_text())["weight_map"])
-    single = src / SINGLE_FILE
-    if not single.is_file():
-        raise ExportError(f"{src} has neither {INDEX_FILE} nor {SINGLE_FILE} (vLLM loads safetensors only)")
     with safe_open(str(single), framework="pt") as f:
         return {key: single.name for key in f.keys()}
 
@@ -100,6 +111,10 @@ def export_vllm(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
 
         src = Path(snapshot_download(str(src)))
+    dangling = [path for path in sorted(src.iterdir()) if path.is_symlink() and not path.exists()]
+    if dangling:
+        raise ExportError(f"{dangling[0]} is a link to {os.readlink(dangling[0])}, which does not exist: download or "
+                          "copy the model again")
     head_file = find_value_head_file(src)
     if head_file is None:
         raise ExportError(f"{src} has no {VALUE_HEAD_FILE}: it is a base model, not a reward model")
@@ -121,10 +136,11 @@ def export_vllm(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     skip = {"config.json", INDEX_FILE, VALUE_HEAD_FILE, LEGACY_VALUE_HEAD_FILE, SCORE_FILE}
     shard_names = set(shards.values())
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.name in shard_names:
-            link_or_copy(path, dst / (SINGLE_SHARD if path.name == SINGLE_FILE else path.name))
-        elif path.is_file() and path.name not in skip:  # tokenizer, processor (pixel budget), generation config
-            shutil.copy2(path, dst / path.name)
+        target = path.resolve()  # the file itself, not a (relative) link that would dangle from dst
+        if target.is_file() and path.name in shard_names:
+            link_or_copy(target, dst / (SINGLE_SHARD if path.name == SINGLE_FILE else path.name))
+        elif target.is_file() and path.name not in skip:  # tokenizer, processor (pixel budget), generation config
+            shutil.copy2(target, dst / path.name)
     score = {f"{prefix}.weight": head["summary.weight"].contiguous(), f"{prefix}.bias": head["summary.bias"].contiguous()}
     save_file(score, str(dst / SCORE_FILE), metadata={"format": "pt"})
     shards = {key: SINGLE_SHARD if name == SINGLE_FILE else name for key, name in shards.items()}
