@@ -7,6 +7,7 @@ evaluators (recipes/eval/*), model loading (ValueHeadRewardModel / RewardScorer)
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from trl import ModelConfig, RewardConfig, TrlParser
 from collators import PreferenceDataArguments, load_preference_mixture
 from collators.preference_data import BadRowError
 from heads import RewardModelArguments, RewardScorer, ValueHeadRewardModel, resume_checkpoint
+from heads.scoring import weights_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -306,6 +308,28 @@ def test_evaluator_never_reports_another_models_predictions(models, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["model"] == str(models[1])
     with pytest.raises(StaleRecordsError, match=r"max_pixels"):  # the same model with another pixel budget
         rb.main(rewardbench_args(models[1], data, out, max_pixels=28 * 28 * 4))
+
+
+@pytest.mark.parametrize("part", ["v_head.summary.weight", "v_head.summary.bias",
+                                  "pretrained_model.model.language_model.layers.0.mlp.up_proj.weight", None])
+def test_weights_fingerprint_covers_the_value_head_and_the_backbone(models, part):
+    model = ValueHeadRewardModel.from_pretrained(str(models[0]))
+    before = weights_fingerprint(model)
+    if part is not None:
+        with torch.no_grad():
+            model.get_parameter(part).add_(1e-3)
+    assert (weights_fingerprint(model) != before) == (part is not None)
+
+
+def test_evaluator_refuses_predictions_of_a_head_replaced_at_the_same_path(models, tmp_path):
+    """A retrained value head written where the old one was: the path is the same, only the fingerprint differs."""
+    model = tmp_path / "rm"
+    shutil.copytree(models[0], model)
+    data = write_jsonl(tmp_path / "rb.jsonl", REWARDBENCH)
+    rb.main(rewardbench_args(model, data, tmp_path / "eval"))
+    shutil.copy(models[1] / "value_head.safetensors", model / "value_head.safetensors")
+    with pytest.raises(StaleRecordsError, match=r"\(weights_fingerprint: '\w+' then, '\w+' now\)"):
+        rb.main(rewardbench_args(model, data, tmp_path / "eval"))
 
 
 def test_recompute_counts_each_row_once(models, tmp_path):

@@ -1,6 +1,7 @@
 """MPO data from the reward model (recipes/mpo/build_mpo_data.py) and MPO training (recipes/mpo/mpo.py)."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -12,7 +13,8 @@ import pytest
 import torch
 from datasets import load_dataset
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 from trl import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +24,8 @@ from heads import RewardScorer, ValueHeadRewardModel, find_vision_tower  # noqa:
 from heads.freezing import find_projectors  # noqa: E402
 from recipes.shared.resumable import StaleRecordsError  # noqa: E402
 from recipes.mpo import build_mpo_data  # noqa: E402
-from recipes.mpo.build_mpo_data import BuildMPODataArguments, choose_pair, is_correct  # noqa: E402
+from recipes.mpo.build_mpo_data import BuildMPODataArguments, build_pairs, choose_pair, is_correct  # noqa: E402
+from recipes.mpo.evaluate import log_prob_margins, preference_accuracy  # noqa: E402
 from recipes.mpo.mpo import MPOArguments, MPOConfig  # noqa: E402
 from recipes.mpo.mpo import main as train_mpo  # noqa: E402
 
@@ -40,6 +43,45 @@ def test_pair_policy():
     assert choose_pair(["red", "Red."], [1.0, 0.0], [True, True], 0.0, True) == "no_incorrect_response"
     assert is_correct("It is not blue. The answer is: \\boxed{Red}", "red")
     assert not is_correct("The answer is reddish.", "red") and not is_correct("red, no, the answer is blue", "red")
+
+
+# rewards of ["red", "blue", "green"] for a prompt whose answer is red -> the report's best_of_n_correct
+BEST_OF_N = [([[2.0, 1.0, 0.0]], 1.0), ([[0.0, 1.0, 2.0]], 0.0), ([[0.5, 2.0, -1.0]], 0.0), ([[1.0, -3.0, 0.5]], 1.0),
+             ([[2.0, 1.0, 0.0], [0.0, 1.0, 2.0], [3.0, 0.0, 1.0], [1.0, 0.0, 2.0]], 0.5)]
+
+
+@pytest.mark.parametrize("rewards, expected", BEST_OF_N)
+def test_best_of_n_correct_is_the_reward_models_own_pick(rewards, expected):
+    rows = [{"row": i, "key": f"k{i}", "id": str(i), "images": [], "prompt": "Colour?", "answer": "red",
+             "responses": ["red", "blue", "green"]} for i in range(len(rewards))]
+    scored = {row["key"]: {"responses": row["responses"], "rewards": r} for row, r in zip(rows, rewards)}
+    args = BuildMPODataArguments(input="prompts.jsonl", reward_model="rm", require_correct=False)
+    _, report = build_pairs(args, rows, scored)
+    assert report["best_of_n_correct"] == expected
+
+
+def test_policy_preference_measures_right_minus_wrong(tiny_checkpoints):
+    """With the final norm zeroed the policy gives every token probability 1/V: a completion of n tokens has
+    log-probability -n log V, so the shorter answer is the more likely one, by exactly (n_long - n_short) log V."""
+    path = tiny_checkpoints("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    model.model.language_model.norm.weight.data.zero_()
+    processor = AutoProcessor.from_pretrained(path)
+    image = Image.new("RGB", (56, 56), (220, 30, 30))
+
+    def pair(chosen: str, rejected: str) -> dict:
+        return {"images": [image], "prompt": [{"role": "user", "content": "What colour is the shape?"}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}]}
+
+    pairs = [pair("Red.", "It is red, or maybe blue, or green, or black."), pair("It is a blue square, I think.", "Red.")]
+    completion = DataCollatorForVisionPreference(processor)([dict(p) for p in pairs])["completion_mask"][:, 1:].sum(-1)
+    chosen_tokens, rejected_tokens = completion.chunk(2)
+    expected = ((rejected_tokens - chosen_tokens) * math.log(model.lm_head.out_features)).tolist()
+    assert expected[0] > 0 > expected[1]
+    assert log_prob_margins(model, processor, pairs) == pytest.approx(expected, rel=1e-5)
+    result = preference_accuracy(model, processor, pairs)
+    assert result["accuracy"] == 0.5 and result["mean_margin"] == pytest.approx(sum(expected) / 2, abs=1e-4)
 
 
 @pytest.fixture(scope="module")

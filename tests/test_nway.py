@@ -114,3 +114,19 @@ def test_image_inside_a_response_scores_as_rows(tiny_checkpoints):
     shared = RewardScorer(model, processor).score(items)
     rows = RewardScorer(model, processor, shared_prompt=False).score(items)
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(rows), **TOLERANCE)
+
+
+def test_scorer_never_packs_responses_to_the_same_prompt_about_other_images(tiny_checkpoints):
+    """One question asked of a red and of a blue image: two prompts, each packed with its own image."""
+    model, processor = load(tiny_checkpoints, "qwen2_5_vl")
+    images = [Image.new("RGB", (56, 56), (220, 20, 20)), Image.new("RGB", (56, 56), (20, 20, 220))]
+    items = [{"images": [image], "prompt": "What colour is the shape?", "response": response}
+             for response in ("red", "blue", "It is red.") for image in images]
+    calls = []
+    forward = model.forward
+    model.forward = lambda **batch: calls.append(batch["input_ids"].shape[0]) or forward(**batch)
+    shared = RewardScorer(model, processor, batch_size=8).score(items)
+    assert calls == [2]  # one packed sequence per image
+    rows = RewardScorer(model, processor, shared_prompt=False).score(items)
+    assert abs(rows[0] - rows[1]) > 1e-3  # the image changes the reward, so packing the wrong one would show
+    torch.testing.assert_close(torch.tensor(shared), torch.tensor(rows), **TOLERANCE)
