@@ -30,7 +30,7 @@ MPO_PROMPTS ?= data/mpo/prompts.jsonl
 MPO_DATA ?= data/mpo
 MPO_RESPONSES ?= 8
 
-.PHONY: gpus install demo test test-serving bench-serving data bench-data bench stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
+.PHONY: gpus install demo test test-serving bench-serving data bench-data bench bench-gpu stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ bench-data: install
 bench: install
 	$(PY) recipes/bench/training.py --config cpu --threads 1 --output recipes/bench/results/bench_cpu.md
 	$(PY) recipes/bench/scoring.py --threads 1 --output recipes/bench/results/scoring_cpu.md
+	$(PY) recipes/bench/attention.py --threads 1 --output recipes/bench/results/attention_cpu.md
+
+# Shared-prefix attention at the 7B shape on one GPU (random init, no download; under 8 minutes on an 80 GB GPU).
+bench-gpu: gpus install
+	$(PY) recipes/bench/gpu.py --output recipes/bench/results/gpu.md
 
 # Training (and MPO) runs on GPUs: say so before accelerate or DeepSpeed fail on a machine without any.
 gpus:

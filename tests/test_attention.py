@@ -309,3 +309,40 @@ def test_demo_preset_trains_to_the_same_losses_with_every_attention(tiny_checkpo
     assert len(losses["dense"]) == 4 and losses["dense"][0] != losses["dense"][-1]  # it trained
     for run in ("flex", "varlen", "two rows"):
         torch.testing.assert_close(losses[run], losses["dense"], atol=1e-4, rtol=0, msg=lambda m: f"{run}: {m}")
+
+
+def test_gpu_benchmark_runs_its_code_path_tiny_on_cpu(tmp_path):
+    """recipes/bench/gpu.py as typed, with --tiny --device cpu: every implementation and shape runs, and the packed
+    implementations' rewards equal the rows' (fp32 here; the GPU run reports the bf16 differences)."""
+    import subprocess
+
+    output = tmp_path / "gpu.md"
+    command = [sys.executable, str(ROOT / "recipes" / "bench" / "gpu.py"), "--tiny", "--device", "cpu", "--steps", "1",
+               "--output", str(output)]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
+    table = [line.strip(" |").split(" | ") for line in output.read_text().splitlines() if line.startswith("| ")]
+    rows = [cells for cells in table if cells[1] in ("rows", "dense", "varlen", "flex")]
+    assert len(rows) == 4 * 4 and {cells[1] for cells in rows} == {"rows", "dense", "varlen", "flex"}
+    for cells in rows:
+        assert float(cells[3]) > 0, cells  # pairs/s measured
+        if cells[1] != "rows":
+            assert float(cells[6]) < 1e-4, cells
+    refused = subprocess.run([sys.executable, str(ROOT / "recipes" / "bench" / "gpu.py")], capture_output=True,
+                             text=True, timeout=600)
+    if not torch.cuda.is_available():
+        assert refused.returncode == 2 and "--tiny --device cpu" in refused.stderr
+
+
+def test_attention_benchmark_runs_a_short_length(tmp_path):
+    """recipes/bench/attention.py (make bench runs it at 2k-32k) at one short length: all three paths run, and the
+    mask column is the dense L x L booleans against a few kilobytes of block tables and indices."""
+    import subprocess
+
+    output = tmp_path / "attention.md"
+    subprocess.run([sys.executable, str(ROOT / "recipes" / "bench" / "attention.py"), "--lengths", "512",
+                    "--output", str(output)], check=True, capture_output=True, text=True, timeout=600)
+    row = next(line for line in output.read_text().splitlines() if line.startswith("| 512 "))
+    cells = row.strip(" |").split(" | ")
+    assert "failed" not in cells and all(float(cell) > 0 for cell in cells[1:4])
+    dense_mb, flex_mb, varlen_mb = map(float, cells[-3:])
+    assert dense_mb == 512 * 512 / 2**20 and flex_mb < dense_mb / 10 and varlen_mb < dense_mb / 10
