@@ -363,16 +363,28 @@ def torchrun(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_evaluator_and_score_cli_share_rows_across_two_processes(models, tmp_path):
     rows = [dict(row, id=i, prompt=f"Question {i} is longer {'x' * i}?") for i, row in enumerate(REWARDBENCH * 5)]
     data = write_jsonl(tmp_path / "rb.jsonl", rows)
-    result = torchrun("recipes/eval/rewardbench.py", "--model_name_or_path", str(models[0]), "--dataset", str(data),
-                      "--output_dir", str(tmp_path / "eval2"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = (tmp_path / "eval2" / PREDICTIONS_FILE).read_text().splitlines()
-    assert [json.loads(line)["id"] for line in lines] == [row["id"] for row in rows]  # each row once, in order
     single = rb.main(rewardbench_args(models[0], data, tmp_path / "eval1"))
+    first = {p["id"]: p for p in read_predictions(tmp_path / "eval1" / PREDICTIONS_FILE)}
+
+    # Two processes resume what an interrupted two-process run left in its part files (the last line of one cut
+    # short), on a benchmark reordered since.
+    (tmp_path / "eval2").mkdir()
+    shutil.copy(tmp_path / "eval1" / "predictions.provenance.json", tmp_path / "eval2")
+    lines = (tmp_path / "eval1" / PREDICTIONS_FILE).read_text().splitlines(keepends=True)
+    (tmp_path / "eval2" / "predictions.part-0.jsonl").write_text("".join(lines[0:20:2]))
+    (tmp_path / "eval2" / "predictions.part-1.jsonl").write_text("".join(lines[1:19:2]) + lines[19][:30])
+    reordered = write_jsonl(tmp_path / "rb_reordered.jsonl", rows[::-1])
+    result = torchrun("recipes/eval/rewardbench.py", "--model_name_or_path", str(models[0]), "--dataset",
+                      str(reordered), "--output_dir", str(tmp_path / "eval2"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " 19/30 " in result.stderr  # the progress bar starts from the 19 rows already scored
+    assert not list((tmp_path / "eval2").glob("predictions.part-*.jsonl"))
+    resumed = read_predictions(tmp_path / "eval2" / PREDICTIONS_FILE)
+    assert [p["id"] for p in resumed] == [row["id"] for row in rows[::-1]]  # each row once, in the benchmark's order
+    for prediction in resumed:
+        assert prediction["scores"] == pytest.approx(first[prediction["id"]]["scores"], abs=1e-5)
     two = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
     assert two["categories"] == single["categories"]
-    for a, b in zip(read_predictions(tmp_path / "eval1" / PREDICTIONS_FILE), map(json.loads, lines)):
-        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
 
     requests = write_jsonl(tmp_path / "in.jsonl", [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"]]}
                                                    for r in rows])

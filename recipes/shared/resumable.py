@@ -147,7 +147,7 @@ def score_resumably(path: str | os.PathLike, todo: list[tuple[str, object]], sco
             chunk = mine[start:start + per_write]
             file.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in score(chunk))
             file.flush()
-            progress.update(len(chunk) * state.num_processes)
+            progress.update(min(len(chunk) * state.num_processes, progress.total - progress.n))  # estimated
     state.wait_for_everyone()
     if state.is_main_process:
         merge_parts(path, order)
