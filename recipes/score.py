@@ -103,15 +103,21 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return lines
 
 
-def check_images(work: dict) -> None:
-    """Decodes a line's images, to name the line whose image the scorer could not read."""
+def check_images(work: dict, renderer) -> None:
+    """Decodes and resizes a line's images as the scorer does, to name the line whose image it could not use."""
     for image in work["images"]:
+        name = image if isinstance(image, str) else "bytes"
         try:
-            open_image(image).load()
+            decoded = open_image(image)
+            decoded.load()
         except Exception as error:  # PIL raises several types for undecodable data
-            raise ValueError(f"{work['where']}: image {image if isinstance(image, str) else 'bytes'} cannot be "
-                             f"decoded ({type(error).__name__}: {error}); fix or remove the line, then rerun: "
-                             "the lines scored so far are kept") from error
+            raise ValueError(f"{work['where']}: image {name} cannot be decoded ({type(error).__name__}: {error}); fix "
+                             "or remove the line, then rerun: the lines scored so far are kept") from error
+        try:  # qwen-vl-utils refuses extreme shapes (an aspect ratio over 200)
+            renderer.load_image(decoded)
+        except Exception as error:
+            raise ValueError(f"{work['where']}: image {name} cannot be resized for the model ({error}); fix or "
+                             "remove the line, then rerun: the lines scored so far are kept") from error
 
 
 def score_lines(scorer, works: list[dict]) -> list[dict]:
@@ -121,7 +127,7 @@ def score_lines(scorer, works: list[dict]) -> list[dict]:
         scores = scorer.score(items)
     except Exception:
         for work in works:  # the images are decoded again only to say which line failed
-            check_images(work)
+            check_images(work, scorer.renderer)
         raise
     records, start = [], 0
     for work in works:

@@ -180,6 +180,19 @@ def test_value_head_file_is_checked(models, tmp_path, head, error):
 
 # --- score.py ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("image, error", [
+    ("img/sliver.png", r"in\.jsonl line 2: image .*img/sliver\.png cannot be resized for the model"),
+    ("img/text.png", r"in\.jsonl line 2: image .*img/text\.png cannot be decoded"),
+])
+def test_score_cli_names_the_line_of_an_image_the_model_cannot_use(models, data_dir, image, error):
+    (data_dir / "img" / "text.png").write_text("not a png")
+    requests = write_jsonl(data_dir / "in.jsonl", [{"image": "img/ok.png", "prompt": "Colour?", "response": "red"},
+                                                   {"image": image, "prompt": "Colour?", "response": "red"}])
+    with pytest.raises(ValueError, match=error):
+        score_cli.main(score_cli.ScoreFileArguments(model_name_or_path=str(models[0]), input=str(requests),
+                                                    output=str(data_dir / "out.jsonl")))
+
+
 def test_score_cli_keeps_what_it_scored_before_a_bad_image_and_resumes(models, data_dir, monkeypatch):
     lines = [{"image": "img/ok.png", "prompt": f"Colour {i}?", "response": "red"} for i in range(40)]
     (data_dir / "img" / "bad.png").write_bytes(b"not a png")
