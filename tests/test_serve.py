@@ -3,6 +3,8 @@ every bad input gets its 4xx naming the row and the field, and concurrent client
 
 import base64
 import concurrent.futures
+import contextlib
+import json
 import math
 import os
 import signal
@@ -16,6 +18,7 @@ import zlib
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 from serving_helpers import ServerThread, data_url, free_port, write_reward_model
@@ -57,7 +60,7 @@ def image_root(tmp_path_factory) -> Path:
 def server(scorer, vl_model, image_root):
     args = ServerArguments(model_name_or_path=str(vl_model), allowed_image_root=str(image_root), max_body_bytes=2**20,
                            max_images_per_row=2, max_image_pixels=300 * 300, max_request_pixels=180_000,
-                           max_row_tokens=300, batch_wait_ms=20)
+                           max_body_values=10_000, max_row_tokens=300, batch_wait_ms=20)
     with ServerThread(build_app(scorer, args), args) as running:
         yield running
 
@@ -168,6 +171,7 @@ def bad_requests(image_root: Path) -> list:
                                                                {"role": "assistant", "content": "x"}]}]},
          422, 0, "messages[0].content[0]"),
         ("body too large", "/score", {"rows": [dict(ok, response="x" * 2**20)]}, 413, None, "body"),
+        ("body of too many JSON values", "/score", {"rows": [0] * 20_000}, 413, None, "body"),
         ("query not a string", "/get_reward", {"query": ["a", 5], "prompts": ["a", "b"]}, 422, 1, "query"),
         ("query without its prompt", "/get_reward", {"query": ["hello"], "prompts": ["bye"]}, 422, 0, "prompts"),
         ("plain query, no prompts", "/get_reward", {"query": ["hello"]}, 422, 0, "prompts"),
@@ -203,6 +207,12 @@ def bad_requests(image_root: Path) -> list:
     ]
 
 
+# The limit some refusals must name.
+MESSAGES = {"oversized image": "--max_image_pixels", "PNG bomb": "--max_image_pixels", "ICO whose header lies": "--max_image_pixels",
+            "request past its pixel budget": "--max_request_pixels", "row past its token limit": "--max_row_tokens",
+            "EPS (Pillow would run Ghostscript)": "UnidentifiedImageError"}  # not even opened
+
+
 def test_bad_inputs_get_a_4xx_naming_row_and_field_and_the_server_keeps_serving(server, image_root):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for name, endpoint, body, status, row, field in bad_requests(image_root):
@@ -214,6 +224,7 @@ def test_bad_inputs_get_a_4xx_naming_row_and_field_and_the_server_keeps_serving(
             error = response.json()["error"]
             assert (error["row"], error["field"]) == (row, field), (name, error)
             assert error["message"] and str(image_root) not in response.text and str(ROOT) not in response.text, name
+            assert MESSAGES.get(name, "") in error["message"], (name, error)
         assert client.get("/health").json()["status"] == "ok"
         good = client.post("/score", json={"rows": [{"prompt": "Colour?", "response": "red", "images": [data_url(image("red"))]}]})
         assert good.status_code == 200 and len(good.json()["rewards"]) == 1
@@ -277,27 +288,58 @@ def metrics_value(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-def test_command_line_serves_a_model_directory(vl_model, scorer):
+@contextlib.contextmanager
+def command_line_server(model: Path, log: Path, *flags: str):
+    """recipes/serve/server.py as a user starts it, in its own process; yields (process, url) once /health answers."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "recipes/serve/server.py"), "--model_name_or_path", str(vl_model),
-                                "--port", str(port)], env=dict(os.environ, HF_HUB_OFFLINE="1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, str(ROOT / "recipes/serve/server.py"), "--model_name_or_path", str(model),
+                                    "--port", str(port), *flags], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                                   stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                if httpx.get(url + "/health").status_code == 200:
                     break
             except httpx.TransportError:
                 pass
-            assert process.poll() is None and time.time() < deadline, process.stdout.read() if process.poll() is not None else "timeout"
+            assert process.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.25)
-        item = {"images": [], "prompt": "Is 4 even?", "response": "yes"}
-        rewards = httpx.post(f"http://127.0.0.1:{port}/score", json={"rows": [item]}, timeout=60).json()["rewards"]
-        assert rewards == pytest.approx(scorer.score([item]), abs=1e-5)
+        yield process, url
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def stop_mid_scoring(process, url: str, stop: signal.Signals):
+    """Sends `stop` while the scorer is busy with a request of tens of seconds: the server exits within seconds and the
+    request is never answered as if scored."""
+    text = " ".join(f"word{j}" for j in range(600))  # ~3,000 tokens
+    rows = [{"prompt": f"Question {i}?", "response": text} for i in range(1024)]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(httpx.post, url + "/score", json={"rows": rows}, timeout=300)
+        wait_for(lambda: metrics_value(url, "reward_server_queued_rows") == 1024, "the long request in the queue", 60)
+        time.sleep(2)  # its rows validated and in the scorer
+        process.send_signal(stop)
+        start = time.time()
         process.wait(timeout=30)
+        assert time.time() - start < 10, f"{stop!r} took {time.time() - start:.1f} s"
+        with pytest.raises(httpx.HTTPError):
+            long.result().raise_for_status()
+
+
+LONG_REQUESTS = ["--max_batch_rows", "1024", "--max_batch_tokens", str(10**8), "--max_row_tokens", "4096", "--batch_size", "64"]
+
+
+def test_command_line_serves_a_model_directory_and_ctrl_c_stops_it_mid_scoring(vl_model, scorer, tmp_path):
+    with command_line_server(vl_model, tmp_path / "server.log", *LONG_REQUESTS) as (process, url):
+        item = {"images": [], "prompt": "Is 4 even?", "response": "yes"}
+        rewards = httpx.post(url + "/score", json={"rows": [item]}, timeout=60).json()["rewards"]
+        assert rewards == pytest.approx(scorer.score([item]), abs=1e-5)
+        stop_mid_scoring(process, url, signal.SIGINT)  # the scorer's thread must not hold up the exit
 
 
 def test_a_request_past_its_timeout_gets_504_and_the_server_goes_on(scorer, vl_model):
@@ -483,3 +525,93 @@ def test_a_symlink_swapped_in_under_the_root_never_reads_outside(scorer, vl_mode
     refused = sum(answer.status_code == 422 for answer in answers)
     assert scores and refused and refused + len(scores) // 8 == len(answers)
     assert scores == pytest.approx([inside_score] * len(scores), abs=1e-5)
+
+
+PROBE = """
+import json, select, sys, time, http.client, psutil
+port, server = int(sys.argv[1]), psutil.Process(int(sys.argv[2]))
+latencies, rss = [], []
+connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+print("ready", flush=True)
+while not select.select([sys.stdin], [], [], 0.05)[0]:  # every 50 ms until stdin closes
+    start = time.perf_counter()
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    response.read()
+    assert response.status == 200, response.status
+    latencies.append(time.perf_counter() - start)
+    rss.append(server.memory_info().rss)
+print(json.dumps({"latencies": latencies, "rss": rss}))
+"""
+
+
+def test_stress_good_clients_get_their_scores_amid_garbage_bombs_and_giant_rows(vl_model, scorer, tmp_path):
+    """The command-line server under 64 good clients and garbage at once (slow and idle connections, malformed JSON,
+    a body of 4 M values, a PNG bomb, an ICO whose header lies, giant rows, clients that hang up): every good client gets
+    the in-process scores, the server's resident memory stays bounded, /health answers within a second throughout,
+    and SIGTERM then stops it within seconds while it scores."""
+    flags = ["--max_image_pixels", str(2048 * 2048), "--header_timeout_s", "2",
+             "--max_row_tokens", "4096", *LONG_REQUESTS[:4]]
+    catalogue = [{"images": [image(COLOURS[i % 4], i)], "prompt": f"What colour is shape {i % 4}?", "response": r}
+                 for i in range(8) for r in ("red", "blue")]
+    expected = scorer.score(catalogue)
+    encoded = [dict(item, images=[data_url(item["images"][0])]) for item in catalogue]
+    frame = bomb_png(20000, 20000)  # 50 KB; 381 MiB decoded, 1.1 GiB in RGB
+    bomb = {"rows": [dict(encoded[0], images=[bytes_url(frame)])]}
+    ico = {"rows": [dict(encoded[0], images=[bytes_url(lying_ico(frame), "x-icon")])]}
+    giant = {"rows": [encoded[0], dict(encoded[1], response="red " * 100_000)]}
+
+    with command_line_server(vl_model, tmp_path / "server.log", *flags) as (process, url):
+        port = int(url.rsplit(":", 1)[1])
+        assert httpx.post(url + "/score", json={"rows": encoded}, timeout=60).json()["rewards"] == pytest.approx(expected, abs=1e-4)
+        baseline = psutil.Process(process.pid).memory_info().rss
+        def good(c: int) -> bool:
+            with httpx.Client(base_url=url, timeout=120) as client:
+                for n in range(2):
+                    picks = [(c * 5 + n * 3 + k) % len(catalogue) for k in range(1 + (c + n) % 3)]
+                    rewards = client.post("/score", json={"rows": [encoded[i] for i in picks]}).json()["rewards"]
+                    assert rewards == pytest.approx([expected[i] for i in picks], abs=1e-4)
+            return True
+
+        def status_of(body) -> int:
+            if isinstance(body, bytes):
+                return httpx.post(url + "/score", content=body, timeout=60).status_code
+            return httpx.post(url + "/score", json=body, timeout=60).status_code
+
+        def hang_up() -> str:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/score", json={"rows": encoded * 16}, timeout=0.2)
+            return "hung up"
+
+        garbage = [
+            (lambda: http(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Le"), b""),  # slow headers: closed
+            (lambda: http(port), b""),  # idle: closed
+            (lambda: http(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 900000000\r\n\r\n")[:12], b"HTTP/1.1 413"),
+            (lambda: status_of(b'{"rows": ' + b"[" * 100_000), 400),
+            (lambda: status_of(b'{"rows": [{"prompt": "\\ud800", "response": "x"}]}'), 422),
+            (lambda: status_of(bomb), 422),
+            (lambda: status_of(ico), 422),
+            (lambda: status_of(giant), 413),
+            (lambda: status_of(b'{"rows": [' + b"{}," * 4_000_000 + b"{}]}"), 413),  # 12 MB that would parse to 4 M dicts
+            (hang_up, "hung up"),
+        ]
+        # /health and the server's memory are probed from a process of their own, so that the clients' work in this
+        # one does not slow the probe down.
+        probe = subprocess.Popen([sys.executable, "-c", PROBE, str(port), str(process.pid)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert probe.stdout.readline() == "ready\n"
+        try:
+            with concurrent.futures.ThreadPoolExecutor(64 + 2 * len(garbage)) as pool:
+                bad = [(pool.submit(call), want) for call, want in garbage * 2]
+                goods = [pool.submit(good, c) for c in range(64)]
+                assert all(future.result() for future in goods)
+                assert [future.result() for future, _ in bad] == [want for _, want in bad], [future.result() for future, _ in bad]
+        finally:
+            probed = json.loads(probe.communicate("", timeout=60)[0])
+        latencies, memory = probed["latencies"], probed["rss"]
+        print(f"/health: {len(latencies)} probes, slowest {max(latencies):.3f} s; "
+              f"server RSS {baseline / 2**20:.0f} MiB, peak +{(max(memory) - baseline) / 2**20:.0f} MiB")
+        assert len(latencies) > 20 and max(latencies) < 1.0
+        # The bombs would take 381 MiB decoded (1.1 GiB in RGB); the good load needs about 90 MiB.
+        assert max(memory) - baseline < 200 * 2**20
+        stop_mid_scoring(process, url, signal.SIGTERM)

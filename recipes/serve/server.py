@@ -22,12 +22,12 @@ Concurrent requests are batched (up to --max_batch_rows rows / --max_batch_token
 images in one forward where the model supports it.
 
 Every request is bounded before the expensive work (the README's server section lists each limit and its default):
-the body by Content-Length and a read deadline, then parsed off the event loop; rows per request and rows queued
-(503 when full); each image by the pixel size its header declares, before it is decoded (Pillow's
-decompression-bomb limit is set from --max_image_pixels, which also covers images nested in a container such as
-ICO), the request's images by a pixel budget, and each image resized to the model's pixel budget as soon as it is
-decoded; each row by its tokens (text and images). Connections must send their headers in --header_timeout_s, and
-uvicorn caps connections (--limit_concurrency). A request whose client hangs up leaves the queue.
+the body by Content-Length, a read deadline and a count of its JSON values, then parsed in a worker thread; rows per
+request, and rows queued (503 when full); each image by the pixel size its header declares, before it is decoded
+(Pillow's decompression-bomb limit is set from --max_image_pixels, which also covers an image nested in a container
+such as ICO), the request's images by a pixel budget, and each image resized to the model's pixel budget as soon as
+it is decoded; each row by its tokens (text and images). Connections must send their headers in --header_timeout_s,
+and uvicorn caps connections (--limit_concurrency). A request whose client hangs up leaves the queue.
 """
 
 import asyncio
@@ -80,6 +80,9 @@ class ServerArguments:
     allowed_image_root: str | None = field(
         default=None, metadata={"help": "Directory whose files requests may name as images; paths are refused without it."})
     max_body_bytes: int = field(default=64 * 2**20, metadata={"help": "Largest request body (413 beyond)."})
+    max_body_values: int = field(default=2**20, metadata={
+        "help": "`,` and `:` bytes in a body, a bound on its JSON values (413 beyond): parsing holds Python's GIL, so "
+                "this bounds how long a body can stall the server (about 0.2 s at the default)."})
     max_rows_per_request: int = field(default=1024)
     max_images_per_row: int = field(default=8)
     max_image_pixels: int = field(
@@ -151,26 +154,25 @@ class ImageDecoder:
         if reference.startswith(("http://", "https://")):
             raise RowError(422, "remote image URLs are not fetched; send the image as a data URL", row, field)
         source = self._data(reference, row, field) if reference.startswith("data:") else self._file(reference, row, field)
+        over_budget = RowError(413, "the request's images exceed its budget of pixels (--max_request_pixels)", row, field)
         with source:
             try:
+                # Pillow refuses an image past its limit (set from --max_image_pixels by the app) from the header,
+                # before decoding it, and an image nested in a container (an ICO whose header lies) before decoding it.
                 image = Image.open(source, formats=IMAGE_FORMATS)
-                pixels = image.width * image.height  # from the header: both limits hold before decoding
-                if pixels > self.max_pixels:
-                    raise RowError(422, f"image of {image.width}x{image.height} pixels exceeds the limit of "
-                                        f"{self.max_pixels} (--max_image_pixels)", row, field)
-                if pixels > pixels_left:
-                    raise RowError(413, "the request's images exceed its budget of pixels (--max_request_pixels)", row, field)
-                image.load()  # an image nested in a container (ICO) meets Pillow's own limit, before it is decoded
+                if image.width * image.height > pixels_left:
+                    raise over_budget
+                image.load()
             except RowError:
                 raise
             except Image.DecompressionBombError:
-                raise RowError(422, f"the image holds more pixels than its header says, past the limit of "
-                                    f"{self.max_pixels} (--max_image_pixels)", row, field) from None
+                raise RowError(422, f"the image has more than {self.max_pixels} pixels (--max_image_pixels); it was "
+                                    "refused before decoding", row, field) from None
             except Exception as error:  # PIL raises many types for corrupt data
                 raise RowError(422, f"the image cannot be decoded ({type(error).__name__})", row, field) from None
         pixels = image.width * image.height
-        if pixels > pixels_left:
-            raise RowError(413, "the request's images exceed its budget of pixels (--max_request_pixels)", row, field)
+        if pixels > pixels_left:  # an ICO's frame may be larger than its header said
+            raise over_budget
         try:
             return self.resize(image), pixels
         except ValueError as error:  # e.g. an aspect ratio the model's resizing refuses
@@ -706,6 +708,10 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
 
     def parse_body(body: bytes, parse) -> list[ParsedRow]:
         """JSON -> rows checked for shape (no image decoded yet), in the validation thread."""
+        separators = body.count(b",") + body.count(b":")  # counted in C at memory speed; json.loads is far slower
+        if separators > args.max_body_values:
+            raise RowError(413, f"the body has {separators} `,` and `:`, past the limit of {args.max_body_values} "
+                                "(--max_body_values): too many JSON values", field="body")
         try:
             payload = json.loads(body)
         except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
