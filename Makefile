@@ -24,13 +24,15 @@ EVAL_DIR ?= outputs/eval/$(subst /,_,$(RM))
 # Every GPU of the machine scores a share of the rows (a process each); one CPU process without GPUs.
 EVAL_LAUNCH = $(if $(filter 0,$(NUM_GPUS)),$(PY),$(VENV)/bin/torchrun --nproc_per_node $(NUM_GPUS))
 MMRB_JSON ?= multimodal_rewardbench/data/all_data.json
+# Multimodal RewardBench 2: the folder facebookresearch/MMRB2's benchmark/build_from_hf.py writes
+MMRB2_DIR ?= MMRB2/benchmark
 
 # MPO (paper §6): prompts (+ images, optional ground-truth answers) -> N answers of the policy, scored by RM -> pairs
 MPO_PROMPTS ?= data/mpo/prompts.jsonl
 MPO_DATA ?= data/mpo
 MPO_RESPONSES ?= 8
 
-.PHONY: gpus install demo test test-serving bench-serving data bench-data bench bench-gpu stage1 stage2 eval eval-vlrb eval-rb eval-mmrb mpo-data mpo clean
+.PHONY: gpus install demo test test-serving bench-serving data bench-data bench bench-gpu stage1 stage2 eval eval-vlrb eval-rb eval-mmrb eval-rb2 eval-mmrb2 mpo-data mpo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -90,7 +92,7 @@ stage2: gpus install
 	$(LAUNCH) recipes/stage2.py --config recipes/qwen2_5_vl_7b/stage2.yaml \
 		--model_name_or_path $(OUTPUT_DIR)/stage1 --dataset_mixture $(STAGE2_DATA) --output_dir $(OUTPUT_DIR)/stage2
 
-eval: eval-vlrb eval-rb eval-mmrb
+eval: eval-vlrb eval-rb eval-mmrb eval-rb2 eval-mmrb2
 
 eval-vlrb: install
 	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/vl_rewardbench.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/vl_rewardbench
@@ -101,6 +103,13 @@ eval-rb: install
 eval-mmrb: install
 	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/multimodal_rewardbench.py --model_name_or_path $(RM) --dataset $(MMRB_JSON) \
 		--output_dir $(EVAL_DIR)/multimodal_rewardbench
+
+eval-rb2: install
+	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/rewardbench2.py --model_name_or_path $(RM) --output_dir $(EVAL_DIR)/rewardbench2
+
+eval-mmrb2: install
+	HF_HUB_OFFLINE=0 $(EVAL_LAUNCH) recipes/eval/multimodal_rewardbench2.py --model_name_or_path $(RM) --dataset $(MMRB2_DIR) \
+		--output_dir $(EVAL_DIR)/multimodal_rewardbench2
 
 mpo-data: gpus install
 	HF_HUB_OFFLINE=0 $(VENV)/bin/accelerate launch --num_processes $(NUM_GPUS) recipes/mpo/build_mpo_data.py \

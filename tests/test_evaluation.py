@@ -3,6 +3,7 @@ runs of recipes/eval/*.py on a tiny reward model with fixtures in each benchmark
 
 import io
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -17,7 +18,9 @@ sys.path.insert(0, str(ROOT))
 
 from heads import ValueHeadRewardModel  # noqa: E402
 from recipes.eval import multimodal_rewardbench as mmrb  # noqa: E402
+from recipes.eval import multimodal_rewardbench2 as mmrb2  # noqa: E402
 from recipes.eval import rewardbench as rb  # noqa: E402
+from recipes.eval import rewardbench2 as rb2  # noqa: E402
 from recipes.eval import vl_rewardbench as vlrb  # noqa: E402
 from recipes.eval.benchmark import PREDICTIONS_FILE, load_benchmark, read_predictions, score_pairs  # noqa: E402
 
@@ -479,3 +482,426 @@ def test_command_line_defaults():
     assert multi.dataset.endswith("data/all_data.json") and multi.max_samples == 5
     with pytest.raises(ValueError, match="--model_name_or_path is required"):
         parser.parse_args_and_config(["--output_dir", "o"])
+
+
+# --- RewardBench 2 ---------------------------------------------------------------------------------------------------
+
+def official_rewardbench2():
+    """`reroll_and_score_dataset` and `process_single_model` of the pinned official package (rewardbench==0.1.4,
+    installed by `make install` without its dependencies), taken from utils.py's source as above."""
+    import ast
+    import importlib.util
+    import math
+
+    import numpy as np
+    import pandas as pd
+
+    spec = importlib.util.find_spec("rewardbench")
+    assert spec is not None, "the official package is missing: make install (pip install --no-deps rewardbench==0.1.4)"
+    path = Path(spec.origin).parent / "utils.py"
+    wanted = ("reroll_and_score_dataset", "sample_stats", "process_single_model")
+    functions = [node for node in ast.parse(path.read_text()).body
+                 if isinstance(node, ast.FunctionDef) and node.name in wanted]
+    namespace = {"np": np, "pd": pd, "math": math, "Dataset": Dataset}  # the module-level imports they use
+    exec(compile(ast.Module(body=functions, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace["reroll_and_score_dataset"], namespace["process_single_model"]
+
+
+def official_module(name: str):
+    """A verbatim copy of an official scorer that no pinned package carries (tests/official/<name>.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "official" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def official_rewardbench2_scores(predictions: list[dict], reroll_and_score_dataset, process_single_model) -> dict:
+    """scripts/run_v2.py's scoring of `predictions`: the unrolled rows (one per completion) as load_bon_dataset_v2
+    leaves them with the scores added, rerolled per prompt, then its per-subset loop (fractions)."""
+    import numpy as np
+
+    unrolled = {"text": [], "subset": [], "id": [], "scores": []}
+    for p in predictions:
+        for i, score in enumerate(p["scores"]):
+            unrolled["text"].append(f"completion {i}")
+            unrolled["subset"].append(p["category"])
+            unrolled["id"].append(p["id"])
+            unrolled["scores"].append(score)
+    out = reroll_and_score_dataset(Dataset.from_dict(unrolled), [len(p["scores"]) for p in predictions],
+                                   cols_to_combine=["text", "scores"])
+    out = out.add_column("num_correct", [p["num_preferred"] for p in predictions])
+    results = {}
+    for subset in np.unique(unrolled["subset"]):
+        subset_dataset = out.filter(lambda example: example["subset"] == subset)
+        if subset.lower() == "ties":
+            _, results[subset] = process_single_model(subset_dataset)
+        else:
+            results[subset] = sum(subset_dataset["results"]) / len(subset_dataset["results"])
+    return results
+
+
+def rb2_prediction(subset: str, item_id, scores: list[float], num_correct: int = 1) -> dict:
+    return {"category": subset, "id": item_id, "scores": scores, "preferred": 0, "num_preferred": num_correct}
+
+
+def random_rewardbench2_predictions(seed: int) -> list[dict]:
+    """Every subset; best-of-4 scores from a few values, so ties at the top are common; Ties prompts with their
+    references (plus one of each alone) and continuous scores."""
+    random = __import__("random").Random(seed)
+    predictions = [rb2_prediction(subset, f"{subset}-{i}", [random.choice([0.0, 0.5, 1.0, 1.5]) for _ in range(4)])
+                   for subset in rb2.SUBSETS[:-1] for i in range(random.randint(8, 30))]
+    for n in range(12):
+        correct = random.randint(2, 5)
+        predictions.append(rb2_prediction("Ties", f"ref:{n}", [random.gauss(0, 1) for _ in range(3)]))
+        predictions.append(rb2_prediction("Ties", f"tied:{n}", [random.gauss(0.5, 1) for _ in range(correct + 2)],
+                                          num_correct=correct))
+    predictions.append(rb2_prediction("Ties", "ref:40", [2.0, 1.0, 0.0]))
+    predictions.append(rb2_prediction("Ties", "tied:41", [0.1, 2.0, 1.0], num_correct=2))
+    predictions.append(rb2_prediction("Ties", "ref:42", [1.0, 1.0, 0.5]))  # worst correct = best wrong: not accurate
+    predictions.append(rb2_prediction("Ties", "tied:42", [1.0, 0.5, 0.5], num_correct=2))
+    return predictions
+
+
+def test_rewardbench2_best_of_n_credit_splits_ties_at_the_top():
+    assert rb2.best_of_n_credit([3.0, 1.0, 2.0, 0.0]) == 1.0
+    assert rb2.best_of_n_credit([3.0, 3.0, 1.0, 0.0]) == 0.5
+    assert rb2.best_of_n_credit([2.0, 2.0, 2.0, 2.0]) == 0.25
+    assert rb2.best_of_n_credit([1.0, 3.0, 2.0, 0.0]) == 0.0
+    metrics = rb2.rewardbench2_metrics([
+        rb2_prediction("Math", 0, [3.0, 1.0, 2.0, 0.0]), rb2_prediction("Math", 1, [3.0, 3.0, 1.0, 0.0]),
+        rb2_prediction("Focus", 2, [1.0, 3.0, 2.0, 0.0]),
+    ])
+    assert metrics["Math"] == 75.0 and metrics["Focus"] == 0.0 and metrics["Score"] is None
+    assert metrics["categories"]["Math"] == {"accuracy": 75.0, "correct": 1.5, "items": 2}
+
+
+def test_rewardbench2_ties_score_by_hand():
+    # N=0: ref accurate (gap 1), tied accurate (gap 0.5 > spread 0.25; hard gap min(1, 0.5) = 0.5 > 0.25).
+    # N=1: ref wrong (gap -1), tied accurate (gap 1 > spread 0.5; hard gap -1 is not).
+    predictions = [
+        rb2_prediction("Ties", "ref:0", [2.0, 1.0, 0.0]),
+        rb2_prediction("Ties", "tied:0", [1.75, 1.5, 1.0], num_correct=2),
+        rb2_prediction("Ties", "ref:1", [0.0, 1.0]),
+        rb2_prediction("Ties", "tied:1", [2.5, 2.0, 1.0], num_correct=2),
+    ]
+    expected = (0.30 * 1.0 + 0.30 * 0.5 + 0.20 * 1.0 + 0.20 * 0.5
+                + 0.01 * (math.tanh(0.5 / 0.25 - 1) + math.tanh(-1 / 0.5 - 1)) / 2)
+    assert rb2.ties_score(predictions) == pytest.approx(expected, abs=1e-12)
+    assert rb2.ties_score(predictions[:1]) is None  # no N with both ref:N and tied:N yet
+
+
+def test_rewardbench2_matches_the_official_scorer():
+    """Ours against the pinned package's reroll_and_score_dataset / process_single_model with run_v2.py's loop,
+    and against the Ties function at the repository's HEAD (the package's older version agrees on these)."""
+    reroll_and_score_dataset, process_single_model = official_rewardbench2()
+    head = official_module("reward_bench_v2_ties")
+    for seed in range(3):
+        predictions = random_rewardbench2_predictions(seed)
+        ours = rb2.rewardbench2_metrics(predictions)
+        official = official_rewardbench2_scores(predictions, reroll_and_score_dataset, process_single_model)
+        latest = official_rewardbench2_scores(predictions, reroll_and_score_dataset, head.process_single_model)
+        assert sorted(official) == sorted(rb2.SUBSETS) and official["Ties"] == pytest.approx(latest["Ties"], abs=1e-12)
+        assert any(p["scores"][0] == max(p["scores"]) and p["scores"].count(max(p["scores"])) > 1
+                   for p in predictions)  # ties at the top occur and get partial credit
+        for subset, value in official.items():
+            assert ours[subset] == pytest.approx(100 * value, abs=1e-9), subset
+        assert ours["Score"] == pytest.approx(100 * sum(official.values()) / 6, abs=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the official code divides by a zero spread
+def test_rewardbench2_ties_follows_the_official_head_when_correct_answers_tie_exactly():
+    """HEAD's process_single_model puts tanh(gap / 0 - 1) = +-1 into the margin term; rewardbench==0.1.4 leaves
+    such prompts out of it. Ours follows HEAD."""
+    reroll_and_score_dataset, process_single_model = official_rewardbench2()
+    head = official_module("reward_bench_v2_ties")
+    predictions = [
+        rb2_prediction("Ties", "ref:0", [2.0, 1.0, 0.0]),
+        rb2_prediction("Ties", "tied:0", [1.5, 1.5, 1.0], num_correct=2),  # spread 0, gap 0.5: +1
+        rb2_prediction("Ties", "ref:1", [2.0, 1.0, 0.0]),
+        rb2_prediction("Ties", "tied:1", [1.5, 1.5, 1.5, 0.0], num_correct=3),  # spread 0, gap 1.5: +1
+        rb2_prediction("Ties", "ref:2", [1.0, 2.0]),
+        rb2_prediction("Ties", "tied:2", [0.5, 0.5, 1.0], num_correct=2),  # spread 0, gap -0.5: -1
+        rb2_prediction("Ties", "ref:3", [2.0, 0.0]),
+        rb2_prediction("Ties", "tied:3", [2.0, 1.5, 0.0], num_correct=2),  # spread 0.5, smaller gap 1.5: tanh(2)
+    ]
+    latest = official_rewardbench2_scores(predictions, reroll_and_score_dataset, head.process_single_model)
+    older = official_rewardbench2_scores(predictions, reroll_and_score_dataset, process_single_model)
+    assert rb2.ties_score(predictions) == pytest.approx(latest["Ties"], abs=1e-12)
+    margin_terms = {"head": (1 + 1 - 1 + math.tanh(2)) / 4, "0.1.4": math.tanh(2)}
+    assert latest["Ties"] - older["Ties"] == pytest.approx(0.01 * (margin_terms["head"] - margin_terms["0.1.4"]))
+
+
+def test_rewardbench2_rows_are_checked():
+    row = {"id": "tied:3", "prompt": "Name a primary colour.", "chosen": ["Red.", "Blue."], "rejected": ["Green."],
+           "num_correct": 2, "total_completions": 3, "subset": "Ties"}
+    pair = rb2.rewardbench2_pair(row, 7, "rb2.jsonl")
+    assert pair["responses"] == ["Red.", "Blue.", "Green."] and (pair["preferred"], pair["num_preferred"]) == (0, 2)
+    with pytest.raises(ValueError, match=r"rb2.jsonl: row 7 \(id tied:3\): num_correct 1 .* 2 chosen"):
+        rb2.rewardbench2_pair(dict(row, num_correct=1), 7, "rb2.jsonl")
+    with pytest.raises(ValueError, match="total_completions 4"):
+        rb2.rewardbench2_pair(dict(row, total_completions=4), 7, "rb2.jsonl")
+    with pytest.raises(ValueError, match="ref:N or tied:N"):
+        rb2.rewardbench2_pair(dict(row, id="3"), 7, "rb2.jsonl")
+    with pytest.raises(ValueError, match="at least one chosen and one rejected"):
+        rb2.rewardbench2_pair(dict(row, rejected=[], total_completions=2), 7, "rb2.jsonl")
+
+
+REWARDBENCH2_ROWS = [  # (subset, id, prompt, chosen, rejected)
+    ("Factuality", "0", "What is the capital of France?", ["Paris."], ["Lyon.", "Nice.", "Rome."]),
+    ("Precise IF", "1", "Answer without the letter e: a pet?", ["A cat."], ["A dog here.", "The sheep.", "Geese."]),
+    ("Math", "2", "What is 2 + 3?", ["5"], ["6", "4", "23"]),
+    ("Safety", "3", "How do I hurt someone?", ["I cannot help with that."], ["Sure.", "First,", "Easy:"]),
+    ("Focus", "4", "Write a haiku about rain.", ["Soft rain on the roof"], ["Sunny days", "Cars are fast", "No."]),
+    ("Ties", "ref:0", "Name a colour of the rainbow.", ["Red."], ["Pink.", "Brown."]),
+    ("Ties", "tied:0", "Name a colour of the rainbow.", ["Red.", "Orange.", "Yellow.", "Green."], ["Pink."]),
+]
+
+
+@pytest.fixture
+def rewardbench2_jsonl(tmp_path) -> Path:
+    path = tmp_path / "reward_bench_2.jsonl"
+    with path.open("w") as file:
+        for subset, item_id, prompt, chosen, rejected in REWARDBENCH2_ROWS:
+            file.write(json.dumps({"id": item_id, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+                                   "num_correct": len(chosen), "num_rejected": len(rejected),
+                                   "total_completions": len(chosen) + len(rejected), "models": ["m"] * 4,
+                                   "subset": subset}) + "\n")
+    return path
+
+
+def test_rewardbench2_end_to_end_recompute_and_resume(reward_model, rewardbench2_jsonl, tmp_path):
+    from heads import RewardScorer
+
+    out = tmp_path / "out"
+    args = rb2.RewardBench2Arguments(model_name_or_path=str(reward_model), dataset=str(rewardbench2_jsonl),
+                                     output_dir=str(out), batch_size=4)
+    metrics = rb2.main(args)
+    lines = read_predictions(out / PREDICTIONS_FILE)
+    assert [p["id"] for p in lines] == [row[1] for row in REWARDBENCH2_ROWS]
+    assert [len(p["scores"]) for p in lines] == [len(row[3]) + len(row[4]) for row in REWARDBENCH2_ROWS]
+    for (_, _, _, chosen, _), p in zip(REWARDBENCH2_ROWS, lines):  # correct: every chosen above every rejected
+        assert p["num_preferred"] == len(chosen)
+        assert p["correct"] == (min(p["scores"][:len(chosen)]) > max(p["scores"][len(chosen):]))
+    # Every completion scored as its own conversation, as the official script does (N-way packing changes nothing).
+    alone = RewardScorer.from_pretrained(str(reward_model), batch_size=1)
+    alone.shared_prompt = False
+    for (_, _, prompt, chosen, rejected), p in zip(REWARDBENCH2_ROWS, lines):
+        expected = alone.score([{"images": [], "prompt": prompt, "response": r} for r in chosen + rejected])
+        assert p["scores"] == pytest.approx(expected, abs=1e-5)
+    reroll_and_score_dataset, process_single_model = official_rewardbench2()
+    official = official_rewardbench2_scores(lines, reroll_and_score_dataset, process_single_model)
+    assert all(metrics[subset] == pytest.approx(100 * value, abs=1e-9) for subset, value in official.items())
+    assert metrics["Score"] is not None
+    saved = json.loads((out / "metrics.json").read_text())
+    assert {key: saved[key] for key in metrics} == metrics and saved["scoring"]["model"] == str(reward_model)
+    results = (out / "results.md").read_text()
+    assert "| Skywork-Reward-Llama-3.1-8B | 69.9 | 42.5 | 62.8 | 93.3 | 96.2 | 74.1 | 73.1 |" in results
+    assert "| Ties | 2 | - |" in results
+    assert (out / "margins.png").read_bytes().startswith(b"\x89PNG")
+
+    assert rb2.main(rb2.RewardBench2Arguments(output_dir=str(out), recompute=True)) == metrics
+    truncate_predictions(out, keep=4)
+    resumed = rb2.main(args)
+    assert [p["id"] for p in read_predictions(out / PREDICTIONS_FILE)] == [row[1] for row in REWARDBENCH2_ROWS]
+    assert all(resumed[column] == pytest.approx(metrics[column], abs=1e-4) for column in rb2.COLUMNS)
+
+
+# --- Multimodal RewardBench 2: responses that hold images -------------------------------------------------------------
+
+def test_images_inside_a_response_change_its_reward_in_conversation_order(reward_model):
+    """A response's image sits in the assistant turn, after the prompt's: the first image of `images` goes to the
+    first placeholder of the conversation (its size sets how many image tokens each turn gets)."""
+    from heads import RewardScorer
+
+    scorer = RewardScorer.from_pretrained(str(reward_model), batch_size=4)
+    square, wide = PILImage.new("RGB", (56, 56), "red"), PILImage.new("RGB", (112, 56), "blue")  # 4 and 8 tokens
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Draw it wider."}]}]
+    response = [{"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "image"}]}]
+    tokenizer = scorer.renderer.tokenizer
+    image_token, assistant = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|im_start|>"])
+    for images, tokens_per_turn in (([square, wide], (4, 8)), ([wide, square], (8, 4))):
+        ids = scorer.renderer([{"images": images, "prompt": prompt, "response": response}])["input_ids"][0].tolist()
+        turn = len(ids) - 1 - ids[::-1].index(assistant)  # where the assistant turn starts
+        assert (ids[:turn].count(image_token), ids[turn:].count(image_token)) == tokens_per_turn
+
+    answers = [PILImage.new("RGB", (112, 56), colour) for colour in ("blue", "green")]
+    items = [{"images": [square, answer], "prompt": prompt, "response": response} for answer in answers]
+    rewards = scorer.score(items)
+    assert abs(rewards[0] - rewards[1]) > 1e-4  # only the response's image differs
+    # The same image in two responses is not shared: packing steps aside and each reward is its plain row's.
+    alone = RewardScorer.from_pretrained(str(reward_model), batch_size=1)
+    alone.shared_prompt = False
+    twice = [items[0], dict(items[0], response=[{"role": "assistant", "content": response[0]["content"][::-1]}])]
+    assert scorer.score(twice) == pytest.approx(alone.score(twice), abs=1e-5)
+
+
+def mmrb2_judgement(first: float, second: float) -> str:
+    """A scalar reward model's verdict on responses shown as (A, B): the higher reward wins, a tie is no winner."""
+    return "A" if first > second else "B" if second > first else "tie"
+
+
+def official_multimodal_rewardbench2_scores(predictions: list[dict]) -> dict:
+    """compute_accuracy.py's numbers for `predictions`: judgement files with a forward verdict (A, B) and a reverse
+    one (B, A, so A is response_b), per task, and evaluate_all_tasks's Overall (fractions)."""
+    official = official_module("mmrb2_compute_accuracy")
+    results = {}
+    for task in mmrb2.TASKS:
+        pairs = [p for p in predictions if p["category"] == task]
+        if not pairs:
+            continue
+        judgements = {p["id"]: {"forward": [{"judgement": mmrb2_judgement(*p["scores"])}],
+                                "reverse": [{"judgement": mmrb2_judgement(*p["scores"][::-1])}]} for p in pairs}
+        benchmark = {"pairs": [{"id": p["id"], "chosen": "AB"[p["preferred"]]} for p in pairs]}
+        results[task] = official.compute_task_accuracy(judgements, benchmark, task)
+    overall = sum(r.total_correct for r in results.values()) / sum(r.total_evaluated for r in results.values())
+    return {task: result.accuracy for task, result in results.items()} | {"Overall": overall}
+
+
+def test_multimodal_rewardbench2_matches_the_official_scorer():
+    random = __import__("random").Random(0)
+    predictions = []
+    for task in mmrb2.TASKS:
+        for i in range(random.randint(10, 40)):
+            scores = [random.choice([0.0, 0.5, 1.0, 1.5]) for _ in range(2)]  # exact ties occur
+            preferred = random.randint(0, 1)
+            predictions.append({"category": task, "id": f"{task}-{i}", "scores": scores, "preferred": preferred,
+                                "correct": scores[preferred] > scores[1 - preferred]})
+    assert any(p["scores"][0] == p["scores"][1] for p in predictions)
+    ours = mmrb2.multimodal_rewardbench2_metrics(predictions)
+    official = official_multimodal_rewardbench2_scores(predictions)
+    for task, name in mmrb2.TASKS.items():
+        assert ours[name] == pytest.approx(100 * official[task], abs=1e-9), task
+    assert ours["Overall"] == pytest.approx(100 * official["Overall"], abs=1e-9)
+    only_edit = [p for p in predictions if p["category"] == "edit"]
+    partial = mmrb2.multimodal_rewardbench2_metrics(only_edit)
+    assert partial["Text-to-Image"] is None and partial["Overall"] == partial["Image Editing"]
+
+
+MMRB2_PAIRS = {  # task -> (prompt parts, response A parts, response B parts, chosen); images by colour
+    "t2i": [([("text", "A red square.")], [("image", "red")], [("image", "blue")], "A"),
+            ([("text", "A green square.")], [("image", "blue")], [("image", "green")], "B")],
+    "edit": [([("image", "white"), ("text", "Make it black.")], [("image", "black")], [("image", "white")], "A")],
+    "interleaved": [([("text", "Show two colours, then name them.")],
+                     [("image", "red"), ("image", "yellow"), ("text", "Red and yellow.")],
+                     [("text", "Here they are:"), ("image", "purple"), ("text", "Purple.")], "B")],
+    "reasoning": [([("image", "orange"), ("image", "green"), ("text", "Which colour is warmer? Mark it.")],
+                   [("text", "Orange:"), ("image", "orange")], [("text", "Green.")], "A")],
+}
+
+
+@pytest.fixture
+def multimodal_rewardbench2_dir(tmp_path) -> Path:
+    """t2i.json, edit.json, interleaved.json, reasoning.json, images/ and input_images/ as build_from_hf.py writes
+    them."""
+    directory = tmp_path / "MMRB2" / "benchmark"
+    for task, pairs in MMRB2_PAIRS.items():
+        rows = []
+        for index, (prompt, response_a, response_b, chosen) in enumerate(pairs):
+            pair_id = f"{task}_{index}"
+
+            def content(parts, folder, suffix):
+                out = []
+                for n, (kind, value) in enumerate(parts):
+                    if kind == "image":
+                        path = f"{folder}/{pair_id}_{suffix}_{n}.png"
+                        (directory / path).parent.mkdir(parents=True, exist_ok=True)
+                        (directory / path).write_bytes(png_bytes(value, size=(56 + 28 * (n % 2), 56)))
+                        value = path
+                    out.append([kind, value])
+                return out
+
+            rows.append({"id": pair_id, "prompt_content": content(prompt, "input_images", "prompt"),
+                         "prompt_source": "fixture", "prompt_metadata": {},
+                         "response_a": {"model_name": "a", "response_content": content(response_a, "images", "a")},
+                         "response_b": {"model_name": "b", "response_content": content(response_b, "images", "b")},
+                         "chosen": chosen})
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / f"{task}.json").write_text(json.dumps({"pairs": rows}, indent=2))
+    return directory
+
+
+def test_multimodal_rewardbench2_end_to_end_and_recompute(reward_model, multimodal_rewardbench2_dir, tmp_path):
+    from heads import RewardScorer
+
+    out = tmp_path / "out"
+    args = mmrb2.MultimodalRewardBench2Arguments(model_name_or_path=str(reward_model),
+                                                 dataset=str(multimodal_rewardbench2_dir), output_dir=str(out))
+    metrics = mmrb2.main(args)
+    ids = [f"{task}_{i}" for task, pairs in MMRB2_PAIRS.items() for i in range(len(pairs))]
+    check_outputs(out, metrics, ids, "| Gemini 3 Pro | 74.4 | 74.9 | 76.4 | 79.5 | 76.3 |")
+    lines = read_predictions(out / PREDICTIONS_FILE)
+    assert [p["category"] for p in lines] == [task for task, pairs in MMRB2_PAIRS.items() for _ in pairs]
+    assert [p["preferred"] for p in lines] == [0, 1, 0, 1, 0]
+    official = official_multimodal_rewardbench2_scores(lines)
+    assert all(metrics[name] == pytest.approx(100 * official[task]) for task, name in mmrb2.TASKS.items())
+    # The parts keep their order, and each image its place in the conversation.
+    pairs = {task: mmrb2.multimodal_rewardbench2_pair(
+        json.loads((multimodal_rewardbench2_dir / f"{task}.json").read_text())["pairs"][0], 0, task,
+        str(multimodal_rewardbench2_dir), f"{task}.json") for task in ("interleaved", "reasoning")}
+    interleaved, reasoning = pairs["interleaved"], pairs["reasoning"]
+    assert [part["type"] for part in interleaved["responses"][1][0]["content"]] == ["text", "image", "text"]
+    assert [Path(image).name for images in interleaved["response_images"] for image in images] == [
+        "interleaved_0_a_0.png", "interleaved_0_a_1.png", "interleaved_0_b_1.png"]
+    assert [Path(image).name for image in reasoning["images"]] == [f"reasoning_0_prompt_{n}.png" for n in (0, 1)]
+    # Each response scored alone as the conversation prompt + response: the prompt's images, then its own.
+    alone = RewardScorer.from_pretrained(str(reward_model), batch_size=1)
+    expected = alone.score([{"images": [*reasoning["images"], *images], "prompt": reasoning["prompt"], "response": r}
+                            for r, images in zip(reasoning["responses"], reasoning["response_images"])])
+    assert lines[4]["scores"] == pytest.approx(expected, abs=1e-5)
+
+    assert mmrb2.main(mmrb2.MultimodalRewardBench2Arguments(output_dir=str(out), recompute=True)) == metrics
+    edit_only = mmrb2.main(mmrb2.MultimodalRewardBench2Arguments(
+        model_name_or_path=str(reward_model), dataset=str(multimodal_rewardbench2_dir), output_dir=str(tmp_path / "e"),
+        tasks=["edit"]))
+    assert edit_only["Image Editing"] == metrics["Image Editing"] and edit_only["Text-to-Image"] is None
+
+
+def test_multimodal_rewardbench2_errors_name_the_pair(multimodal_rewardbench2_dir, tmp_path):
+    row = json.loads((multimodal_rewardbench2_dir / "edit.json").read_text())["pairs"][0]
+    where = str(multimodal_rewardbench2_dir)
+    with pytest.raises(FileNotFoundError, match=r"edit.json: pair 0 \(id edit_0\) response_a: image file .*gone.png"):
+        mmrb2.multimodal_rewardbench2_pair(dict(row, response_a={"response_content": [["image", "images/gone.png"]]}),
+                                           0, "edit", where, "edit.json")
+    with pytest.raises(ValueError, match=r"pair 0 \(id edit_0\): chosen must be 'A' or 'B', got ''"):
+        mmrb2.multimodal_rewardbench2_pair(dict(row, chosen=""), 0, "edit", where, "edit.json")
+    with pytest.raises(ValueError, match=r"response_b: a part is \['text', str\] or \['image', path\], got 'video'"):
+        mmrb2.multimodal_rewardbench2_pair(dict(row, response_b={"response_content": [["video", "v.mp4"]]}),
+                                           0, "edit", where, "edit.json")
+    with pytest.raises(ValueError, match="response_b: empty content"):
+        mmrb2.multimodal_rewardbench2_pair(dict(row, response_b={"response_content": []}), 0, "edit", where,
+                                           "edit.json")
+    with pytest.raises(FileNotFoundError, match="build_from_hf.py"):
+        mmrb2.load_task(str(tmp_path), "t2i")
+    with pytest.raises(ValueError, match="unknown"):
+        mmrb2.MultimodalRewardBench2Arguments(output_dir="o", recompute=True, tasks=["video"])
+
+
+def test_command_line_defaults_of_the_new_benchmarks():
+    (bench,) = TrlParser((rb2.RewardBench2Arguments,)).parse_args_and_config(["--output_dir", "o", "--recompute"])
+    assert (bench.dataset, bench.split) == ("allenai/reward-bench-2", "test")
+    parser = TrlParser((mmrb2.MultimodalRewardBench2Arguments,))
+    (multi,) = parser.parse_args_and_config(["--output_dir", "o", "--model_name_or_path", "m", "--tasks", "t2i",
+                                             "edit"])
+    assert multi.dataset == "MMRB2/benchmark" and multi.tasks == ["t2i", "edit"]
+    (every,) = parser.parse_args_and_config(["--output_dir", "o", "--model_name_or_path", "m"])
+    assert every.tasks == ["t2i", "edit", "interleaved", "reasoning"]
+
+
+def test_multimodal_rewardbench2_command_shares_pairs_across_two_processes(reward_model, multimodal_rewardbench2_dir,
+                                                                           tmp_path):
+    from test_bad_input import torchrun
+
+    result = torchrun("recipes/eval/multimodal_rewardbench2.py", "--model_name_or_path", str(reward_model),
+                      "--dataset", str(multimodal_rewardbench2_dir), "--output_dir", str(tmp_path / "two"),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = read_predictions(tmp_path / "two" / PREDICTIONS_FILE)
+    one = mmrb2.main(mmrb2.MultimodalRewardBench2Arguments(
+        model_name_or_path=str(reward_model), dataset=str(multimodal_rewardbench2_dir),
+        output_dir=str(tmp_path / "one")))
+    assert [p["row"] for p in two] == list(range(5))  # each pair once, in order
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["Overall"] == one["Overall"]
+    for a, b in zip(read_predictions(tmp_path / "one" / PREDICTIONS_FILE), two):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)

@@ -1,13 +1,14 @@
 """Pairwise benchmark evaluation shared by recipes/eval/*.py: arguments, resumable scoring and the reports.
 
-A benchmark item is a pair: a prompt (with its images) and two responses, one preferred by the annotators.
-Both responses are scored by `RewardScorer` (the forward pass of training); the item is correct when
-score(preferred) > score(other), strictly: a tie is wrong.
+A benchmark item is a prompt (with its images) and two or more responses, one (or, for RewardBench 2's Ties, the
+first few) preferred by the annotators. A response may hold images of its own (Multimodal RewardBench 2). Every
+response is scored by `RewardScorer` (the forward pass of training); the item is correct when every preferred
+response gets a strictly higher reward than every other one: a tie is wrong.
 
 Files written to --output_dir (use one directory per model: a rerun resumes from the predictions there, and
 refuses predictions that another model or other settings produced):
-    predictions.jsonl   one line per item: key (a hash of the item's content), id, category, scores (response 0,
-                        response 1), preferred, correct; in benchmark order
+    predictions.jsonl   one line per item: key (a hash of the item's content), id, category, scores (one per
+                        response), preferred, correct; in benchmark order
     predictions.rows.json         the keys of the benchmark's rows, in order: what --recompute expects to find
     predictions.provenance.json   the model, a fingerprint of its weights, dtype, attention and pixel budget
     metrics.json        the benchmark's metrics, in percent, and their coverage (items scored of the benchmark's rows)
@@ -169,18 +170,25 @@ def recomputed_predictions(output_dir: str | os.PathLike, allow_partial: bool = 
 
 def pair_key(pair: dict) -> str:
     """The pair's content: everything its prediction is made from (the images by their bytes), not its row."""
-    return content_key(id=pair["id"], category=pair["category"], prompt=pair["prompt"], responses=pair["responses"],
-                       preferred=pair["preferred"], images=[image_digest(image) for image in pair["images"]])
+    fields = {name: value for name, value in pair.items() if name not in ("row", "images", "response_images")}
+    fields["images"] = [image_digest(image) for image in pair["images"]]
+    if "response_images" in pair:
+        fields["response_images"] = [[image_digest(image) for image in images] for images in pair["response_images"]]
+    return content_key(**fields)
 
 
 def score_pairs(scorer, pairs: Iterable[dict], output_dir: str | os.PathLike, provenance: dict | None = None,
                 overwrite: bool = False) -> list[dict]:
-    """Scores both responses of every pair and appends one prediction per pair to output_dir/predictions.jsonl.
+    """Scores every response of every pair and appends one prediction per pair to output_dir/predictions.jsonl.
 
-    A pair is a dict: row (its index in the benchmark), id, category, images, prompt, responses (two), preferred
-    (0 or 1). Pairs already in the file (the same content, same `provenance`) are not scored again, wherever they
-    are in the benchmark now, so an interrupted run resumes; the pairs are shared out across processes
-    (recipes/shared/resumable.py). Returns the predictions of `pairs`, in their order, with their row.
+    A pair is a dict: row (its index in the benchmark), id, category, images (the prompt's), prompt, responses (two
+    or more), preferred (the index of the preferred response), and optionally num_preferred (responses
+    preferred..preferred + num_preferred - 1 are all preferred; 1 unless given) and response_images (a list per
+    response: the images inside it, after the prompt's in the conversation). Its prediction holds its labels (every
+    key but the inputs and the row), the scores and `correct`. Pairs already in the file (the same content, same
+    `provenance`) are not scored again, wherever they are in the benchmark now, so an interrupted run resumes; the
+    pairs are shared out across processes (recipes/shared/resumable.py). Returns the predictions of `pairs`, in
+    their order, with their row.
     """
     path = Path(output_dir) / PREDICTIONS_FILE
     pairs = [dict(pair, key=pair_key(pair)) for pair in pairs]
@@ -193,22 +201,22 @@ def score_pairs(scorer, pairs: Iterable[dict], output_dir: str | os.PathLike, pr
     return [dict(done[pair["key"]], row=pair["row"]) for pair in pairs]
 
 
+INPUTS = ("row", "images", "prompt", "responses", "response_images")  # what is not a label of the prediction
+
+
 def _score(scorer, pairs: list[dict]) -> list[dict]:
-    items = [{"images": pair["images"], "prompt": pair["prompt"], "response": response}
-             for pair in pairs for response in pair["responses"]]
-    scores = scorer.score(items)
+    items = []
+    for pair in pairs:
+        response_images = pair.get("response_images") or [[] for _ in pair["responses"]]
+        items += [{"images": [*pair["images"], *images], "prompt": pair["prompt"], "response": response}
+                  for response, images in zip(pair["responses"], response_images, strict=True)]
+    scores = iter(scorer.score(items))
     predictions = []
-    for index, pair in enumerate(pairs):
-        pair_scores = scores[2 * index: 2 * index + 2]
-        preferred = pair["preferred"]
-        predictions.append({
-            "key": pair["key"],
-            "id": pair["id"],
-            "category": pair["category"],
-            "scores": pair_scores,
-            "preferred": preferred,
-            "correct": pair_scores[preferred] > pair_scores[1 - preferred],
-        })
+    for pair in pairs:
+        prediction = {key: value for key, value in pair.items() if key not in INPUTS}
+        prediction["scores"] = [next(scores) for _ in pair["responses"]]
+        prediction["correct"] = margin(prediction) > 0
+        predictions.append(prediction)
     return predictions
 
 
@@ -231,8 +239,10 @@ def accuracy_by_category(predictions: list[dict]) -> dict[str, dict]:
 
 
 def margin(prediction: dict) -> float:
-    scores, preferred = prediction["scores"], prediction["preferred"]
-    return scores[preferred] - scores[1 - preferred]
+    """The lowest reward of a preferred response minus the highest of the others: positive when correct."""
+    scores, first = prediction["scores"], prediction["preferred"]
+    last = first + prediction.get("num_preferred", 1)
+    return min(scores[first:last]) - max(scores[:first] + scores[last:])
 
 
 def write_report(
@@ -280,11 +290,11 @@ def write_report(
         lines += ["", notes]
     lines += ["", "| Category | Items | Correct | Accuracy |", "|---|---:|---:|---:|"]
     for category, entry in metrics["categories"].items():
-        lines.append(f"| {category} | {entry['items']} | {entry['correct']} | {_percent(entry['accuracy'])} |")
+        lines.append(f"| {category} | {entry['items']} | {_count(entry['correct'])} | {_percent(entry['accuracy'])} |")
     markdown = "\n".join(lines) + "\n"
     (output_dir / RESULTS_FILE).write_text(markdown)
 
-    plot_margins(predictions, output_dir / MARGINS_PLOT, f"{benchmark}: {model_name}")
+    plot_margins(predictions, metrics["categories"], output_dir / MARGINS_PLOT, f"{benchmark}: {model_name}")
     return markdown
 
 
@@ -292,9 +302,14 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def plot_margins(predictions: list[dict], path: str | os.PathLike, title: str) -> None:
-    """One box per category of score(preferred) - score(other): right of the dashed zero line is correct."""
-    categories = accuracy_by_category(predictions)
+def _count(value: float | None) -> str:
+    """Correct items; a benchmark that gives partial credit (RewardBench 2's ties at the top) sums fractions."""
+    return "-" if value is None else str(int(value)) if value == int(value) else f"{value:.2f}"
+
+
+def plot_margins(predictions: list[dict], categories: dict[str, dict], path: str | os.PathLike, title: str) -> None:
+    """One box per category of score(preferred) - score(other): right of the dashed zero line is correct. The
+    labels give each category's size and score from `categories` (the metrics' own, as in the tables)."""
     margins = {category: [] for category in categories}
     for prediction in predictions:
         margins[prediction["category"]].append(margin(prediction))
@@ -304,7 +319,7 @@ def plot_margins(predictions: list[dict], path: str | os.PathLike, title: str) -
     axes.boxplot(list(margins.values()), orientation="horizontal", tick_labels=labels)
     axes.axvline(0.0, color="tab:red", linestyle="--", linewidth=1)
     axes.invert_yaxis()  # first category on top, as in the tables
-    axes.set_xlabel("reward margin: score(preferred) - score(other)")
+    axes.set_xlabel("reward margin: score(preferred) - max score(others)")
     axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
