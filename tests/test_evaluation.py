@@ -856,6 +856,12 @@ def test_multimodal_rewardbench2_end_to_end_and_recompute(reward_model, multimod
         model_name_or_path=str(reward_model), dataset=str(multimodal_rewardbench2_dir), output_dir=str(tmp_path / "e"),
         tasks=["edit"]))
     assert edit_only["Image Editing"] == metrics["Image Editing"] and edit_only["Text-to-Image"] is None
+    # A response's image is part of its pair's content: replaced, only that pair is scored again.
+    (multimodal_rewardbench2_dir / "images" / "edit_0_a_0.png").write_bytes(png_bytes("white", size=(56, 56)))
+    mmrb2.main(args)
+    new = [p for p in read_predictions(out / PREDICTIONS_FILE) if p["key"] not in {line["key"] for line in lines}]
+    assert [p["id"] for p in new] == ["edit_0"]
+    assert new[0]["scores"] == pytest.approx([lines[2]["scores"][1]] * 2)  # now the same picture as response B
 
 
 def test_multimodal_rewardbench2_errors_name_the_pair(multimodal_rewardbench2_dir, tmp_path):
@@ -901,7 +907,7 @@ def test_multimodal_rewardbench2_command_shares_pairs_across_two_processes(rewar
     one = mmrb2.main(mmrb2.MultimodalRewardBench2Arguments(
         model_name_or_path=str(reward_model), dataset=str(multimodal_rewardbench2_dir),
         output_dir=str(tmp_path / "one")))
-    assert [p["row"] for p in two] == list(range(5))  # each pair once, in order
+    assert [p["id"] for p in two] == [f"{task}_{i}" for task, pairs in MMRB2_PAIRS.items() for i in range(len(pairs))]
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["Overall"] == one["Overall"]
     for a, b in zip(read_predictions(tmp_path / "one" / PREDICTIONS_FILE), two):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from trl import TrlParser
 
-from recipes.eval.benchmark import EvaluationArguments, accuracy, accuracy_by_category, evaluate, resolve_image
+from recipes.eval.benchmark import EvaluationArguments, accuracy, accuracy_by_category, evaluate
+from recipes.shared.images import resolve_image
 
 # The official task files (compute_accuracy.py's --task image / edit / interleaved / reasoning) and our columns.
 TASKS = {"t2i": "Text-to-Image", "edit": "Image Editing", "interleaved": "Interleaved", "reasoning": "Reasoning"}
