@@ -239,6 +239,21 @@ def test_packed_equals_plain_rows(tiny_checkpoints, family, with_images, n, impl
     assert_same(rewards_loss_grads(model, plain, weights), expected)  # plain rows through the same functions
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_reward_scorer_packs_n_responses_under_each_implementation(tiny_checkpoints, implementation):
+    from collators.packed_pair_collator import supports_packing
+    from heads import RewardScorer
+
+    reference, processor = load(tiny_checkpoints, "qwen2_5_vl")
+    model, _ = load(tiny_checkpoints, "qwen2_5_vl", implementation, like=reference)
+    assert supports_packing(model)
+    items = [{"images": images, "prompt": prompt, "response": response}
+             for images, prompt, responses in groups(True) for response in responses]
+    packed = RewardScorer(model, processor).score(items)
+    rows = RewardScorer(reference, processor, shared_prompt=False).score(items)
+    torch.testing.assert_close(torch.tensor(packed), torch.tensor(rows), **TOLERANCE)
+
+
 def test_attention_functions_are_the_ones_that_run(tiny_checkpoints, monkeypatch):
     """The shared-prefix functions are really called (packed and plain), and no L x L mask is built."""
     import heads.attention as attention
