@@ -3,8 +3,11 @@ from .conversation import (
     PixelBudgetArguments,
     open_image,
     pixel_budget,
+    place_media,
     set_pixel_budget,
+    set_video_budget,
     to_messages,
+    video_budget,
 )
 from .packed_pair_collator import PackedPairCollator, pair_collator_for
 from .pair_collator import PairCollator
@@ -21,7 +24,10 @@ __all__ = [
     "open_image",
     "pair_collator_for",
     "pixel_budget",
+    "place_media",
     "set_pixel_budget",
+    "set_video_budget",
     "to_messages",
+    "video_budget",
     "write_data_report",
 ]

@@ -1,18 +1,30 @@
-"""Render (images, prompt, response) into model inputs: chat template, image loading, pixel budgets.
+"""Render (images, videos, prompt, response) into model inputs: chat template, image and video loading, budgets.
 
 The canonical message form, used everywhere after loading:
     [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "..."}]}, ...]
-Strings and plain `{"role", "content": str}` messages are accepted and converted.
+Strings and plain `{"role", "content": str}` messages are accepted and converted. Any turn (responses included) may
+hold image and video parts; a part may carry its media inline, in qwen-vl-utils' form (`{"type": "image", "image":
+path or bytes}`, `{"type": "video", "video": path or [frames]}`), or be a bare placeholder that takes the next of the
+row's `images` / `videos` (see `place_media`).
+
+A video is a video file (decoded with PyAV, sampled at the video budget's fps) or a list of frames (images, taken as
+sampled at that fps), as in qwen-vl-utils. The video budget (fps, frames, pixels per frame) lives in the processor's
+video processor, saved with the checkpoint as the pixel budget is.
 """
 
 import copy
 import io
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import torch
 from PIL import Image
 
 IMAGE_PART = {"type": "image", "text": None}
+VIDEO_PART = {"type": "video", "text": None}
+MEDIA_PARTS = {"image": IMAGE_PART, "video": VIDEO_PART}
 
 
 @dataclass
@@ -23,27 +35,100 @@ class PixelBudgetArguments:
     max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per image (Qwen: qwen-vl-utils default)."})
 
 
+@dataclass
+class VideoBudgetArguments:
+    """How videos are sampled and sized: declared once for training, saved with the checkpoint."""
+
+    video_fps: float | None = field(default=None, metadata={"help": "Frames per second sampled from a video file; a "
+                                                            "frame list is taken as sampled at this rate (Qwen: 2)."})
+    video_max_frames: int | None = field(default=None, metadata={"help": "Most frames per video (Qwen: 768)."})
+    video_min_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per video frame."})
+    video_max_pixels: int | None = field(default=None, metadata={"help": "Pixel budget per video frame."})
+
+
 def text_part(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
-def to_messages(value, role: str) -> list[dict]:
-    """A prompt or response (string, or a list of chat messages) as canonical messages."""
+def part_kind(part: dict) -> str:
+    """'image', 'video' or 'text'."""
+    if part.get("type") in ("image", "image_url") or part.get("image") is not None:
+        return "image"
+    if part.get("type") == "video" or part.get("video") is not None:
+        return "video"
+    return "text"
+
+
+def canonical_messages(value, role: str) -> tuple[list[dict], list[tuple[str, object]]]:
+    """A prompt or response (string, or chat messages) as canonical messages, and (kind, inline media or None) for
+    each of its image and video placeholders, in order."""
     if isinstance(value, str):
-        return [{"role": role, "content": [text_part(value)]}]
-    messages = []
+        return [{"role": role, "content": [text_part(value)]}], []
+    messages, slots = [], []
     for message in value:
         content = message["content"]
         if isinstance(content, str):
             parts = [text_part(content)]
         else:
-            parts = [IMAGE_PART if part.get("type") == "image" or part.get("image") is not None else text_part(part.get("text") or "") for part in content]
+            parts = []
+            for part in content:
+                kind = part_kind(part)
+                if kind == "text":
+                    parts.append(text_part(part.get("text") or ""))
+                else:
+                    parts.append(MEDIA_PARTS[kind])
+                    slots.append((kind, part.get(kind)))
         messages.append({"role": message["role"], "content": parts})
-    return messages
+    return messages, slots
+
+
+def to_messages(value, role: str) -> list[dict]:
+    """A prompt or response (string, or a list of chat messages) as canonical messages."""
+    return canonical_messages(value, role)[0]
 
 
 def count_image_parts(messages: list[dict]) -> int:
     return sum(part["type"] == "image" for message in messages for part in message["content"])
+
+
+class PlacedMedia(NamedTuple):
+    """A conversation with bare placeholders, its images and videos in placeholder order, and how many of each sit
+    in the prompt (the first ones)."""
+
+    prompt: list[dict]
+    response: list[dict]
+    images: list
+    videos: list
+    prompt_images: int
+    prompt_videos: int
+
+
+def place_media(prompt, response, images=(), videos=()) -> PlacedMedia:
+    """Pairs every placeholder with its media. Inline media stay where they are; bare placeholders take `images` /
+    `videos` in order, and those left over get placeholders first in the first user turn (Qwen's order)."""
+    prompt, prompt_slots = canonical_messages(prompt, "user")
+    response, response_slots = canonical_messages(response, "assistant")
+    given = {"image": list(images), "video": list(videos)}
+    bare = Counter(kind for kind, media in prompt_slots + response_slots if media is None)
+    missing = {kind: len(given[kind]) - bare[kind] for kind in given}
+    for kind, n in missing.items():
+        if n < 0:
+            raise ValueError(f"{bare[kind]} {kind} placeholders without their own {kind} but {len(given[kind])} "
+                             f"{kind}s given")
+    if missing["image"] or missing["video"]:
+        added = [IMAGE_PART] * missing["image"] + [VIDEO_PART] * missing["video"]
+        user = next((i for i, m in enumerate(prompt) if m["role"] == "user"), None)
+        if user is None:
+            raise ValueError("the prompt has no user turn to place its images and videos in")
+        prompt[user] = dict(prompt[user], content=added + prompt[user]["content"])
+        # the prepended placeholders come first in the text, so they take the first of the given media
+        before = sum(1 for m in prompt[:user] for part in m["content"] if part["type"] != "text")
+        prompt_slots[before:before] = [("image", None)] * missing["image"] + [("video", None)] * missing["video"]
+    placed, left = {"image": [], "video": []}, {kind: iter(media) for kind, media in given.items()}
+    for kind, media in prompt_slots + response_slots:
+        placed[kind].append(next(left[kind]) if media is None else media)
+    counts = Counter(kind for kind, _ in prompt_slots)
+    return PlacedMedia(prompt, response, placed["image"], placed["video"], counts["image"], counts["video"])
 
 
 def conversation(prompt: list[dict], response: list[dict], num_images: int) -> list[dict]:
@@ -96,6 +181,78 @@ def set_pixel_budget(processing_class, min_pixels: int | None, max_pixels: int |
     image_processor.size = type(size)(**{**fields, **budget})
 
 
+VIDEO_BUDGET = {"fps": "video_fps", "max_frames": "video_max_frames",
+                "shortest_edge": "video_min_pixels", "longest_edge": "video_max_pixels"}
+
+
+def video_budget(processing_class) -> dict:
+    """{fps, min_frames, max_frames, min_pixels, max_pixels} of the processor's video processor ({} without one);
+    qwen-vl-utils' defaults where it sets none."""
+    video_processor = getattr(processing_class, "video_processor", None)
+    if video_processor is None:
+        return {}
+    size = getattr(video_processor, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    from qwen_vl_utils.vision_process import FPS, FPS_MAX_FRAMES, FPS_MIN_FRAMES
+
+    return {"fps": getattr(video_processor, "fps", None) or FPS,
+            "min_frames": getattr(video_processor, "min_frames", None) or FPS_MIN_FRAMES,
+            "max_frames": getattr(video_processor, "max_frames", None) or FPS_MAX_FRAMES,
+            "min_pixels": get("shortest_edge"), "max_pixels": get("longest_edge")}
+
+
+def set_video_budget(processing_class, budget: VideoBudgetArguments) -> None:
+    """Writes the video budget into the processor's video processor, so `save_pretrained` stores it with the
+    checkpoint and every later load samples and sizes videos as training did. Unset values keep the processor's."""
+    video_processor = getattr(processing_class, "video_processor", None)
+    values = {key: getattr(budget, name) for key, name in VIDEO_BUDGET.items() if getattr(budget, name) is not None}
+    if video_processor is None or not values:
+        return
+    for key in ("fps", "max_frames"):
+        if key in values:
+            setattr(video_processor, key, values.pop(key))
+    if values:
+        size = video_processor.size
+        fields = {k: v for k, v in (size.items() if isinstance(size, dict) else vars(size).items()) if v is not None}
+        merged = {**fields, **values}
+        if merged.get("shortest_edge", 0) > merged.get("longest_edge", float("inf")):
+            raise ValueError(f"video_min_pixels {merged['shortest_edge']} is larger than video_max_pixels "
+                             f"{merged['longest_edge']}")
+        video_processor.size = type(size)(**merged)
+
+
+def read_video(path, fps: float, min_frames: int, max_frames: int) -> tuple[list[Image.Image], float]:
+    """Frames of a video file sampled as qwen-vl-utils samples them (evenly, `fps` per second, within the frame
+    budget), and the rate they were sampled at. Decoding stops at the last frame needed."""
+    import av
+    from qwen_vl_utils.vision_process import smart_nframes
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or 0)
+        total = stream.frames or int(float((stream.duration or 0) * stream.time_base) * rate)
+        if total <= 0 or rate <= 0:
+            raise ValueError(f"{path}: the video declares no frame count or frame rate")
+        count = smart_nframes({"fps": fps, "min_frames": min_frames, "max_frames": max_frames}, total_frames=total,
+                              video_fps=rate)
+        wanted = torch.linspace(0, total - 1, count).round().long().tolist()
+        frames = []
+        for number, frame in enumerate(container.decode(stream)):
+            frames += [frame.to_image()] * wanted.count(number)
+            if number >= wanted[-1]:
+                break
+    if len(frames) < count:
+        raise ValueError(f"{path}: the video has fewer frames than its header declares ({total})")
+    return frames, count / total * rate
+
+
+def video_key(video) -> object:
+    """A video in a form json can key: its path, or its frames' keys."""
+    if isinstance(video, dict):
+        video = video.get("frames") or video.get("path")
+    return [frame if isinstance(frame, str) else str(frame) for frame in video] if isinstance(video, list) else str(video)
+
+
 class ConversationRenderer:
     """Turns (images, prompt, response) items into one right-padded batch for the reward model.
 
@@ -114,6 +271,8 @@ class ConversationRenderer:
         self.tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.image_processor = getattr(processing_class, "image_processor", None)
         self.min_pixels, self.max_pixels = pixel_budget(processing_class)
+        self.video_processor = getattr(processing_class, "video_processor", None)
+        self.video_budget = video_budget(processing_class)
 
     def load_image(self, image) -> Image.Image:
         image = open_image(image)
@@ -136,17 +295,64 @@ class ConversationRenderer:
             raise ValueError(f"{type(self.processing_class).__name__} cannot process images; this is a text-only model")
         return images
 
+    def load_video(self, video) -> tuple[torch.Tensor, float]:
+        """A video file, a list of frames or a datasets row's {"path", "frames"} -> ([T, C, H, W] frames sized by
+        qwen-vl-utils within the video budget, the rate they were sampled at)."""
+        if self.video_processor is None:
+            raise ValueError(f"{type(self.processing_class).__name__} cannot process videos")
+        from qwen_vl_utils import fetch_video
+
+        budget = self.video_budget
+        if isinstance(video, tuple) and isinstance(video[0], torch.Tensor):  # loaded already
+            return video
+        if isinstance(video, dict):
+            video = video.get("frames") or video.get("path")
+        if isinstance(video, (str, Path)):
+            frames, fps = read_video(video, budget["fps"], budget["min_frames"], budget["max_frames"])
+        elif isinstance(video, (list, tuple)) and video:
+            frames, fps = [open_image(frame) for frame in video], budget["fps"]
+            if len(frames) > budget["max_frames"]:  # evenly, as a video file is sampled
+                keep = torch.linspace(0, len(frames) - 1, budget["max_frames"] // 2 * 2).round().long().tolist()
+                frames = [frames[i] for i in keep]
+        else:
+            raise ValueError(f"a video is a file path or a non-empty list of frames, got {type(video).__name__}")
+        element = {"video": [frame.convert("RGB") for frame in frames], "sample_fps": fps}
+        element.update({key: budget[key] for key in ("min_pixels", "max_pixels") if budget[key] is not None})
+        patch_size = getattr(self.video_processor, "patch_size", 14)
+        return fetch_video(element, image_patch_size=patch_size), fps
+
     def render_text(self, prompt, response, num_images: int) -> str:
         messages = conversation(to_messages(prompt, "user"), to_messages(response, "assistant"), num_images)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
-    def __call__(self, items: list[dict]) -> dict:
-        """items: dicts with `images` (list, may be empty), `prompt` and `response`."""
-        texts = [self.render_text(item["prompt"], item["response"], len(item["images"])) for item in items]
-        images = self.load_images(items)
-        kwargs = dict(text=texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
+    def render(self, item: dict) -> tuple[str, PlacedMedia]:
+        """The chat-templated text of an item and its media in placeholder order (see `place_media`)."""
+        placed = place_media(item["prompt"], item["response"], item.get("images", ()), item.get("videos", ()))
+        text = self.tokenizer.apply_chat_template(placed.prompt + placed.response, tokenize=False,
+                                                  add_generation_prompt=False)
+        return text, placed
+
+    def vision_inputs(self, images: list, videos: list) -> dict:
+        """The processor's keyword arguments for these images and videos (loaded and sized here)."""
+        kwargs = {}
         if images:
-            kwargs["images"] = images
+            kwargs["images"] = self.load_images([{"images": images}])
+        if videos:
+            loaded = [self.load_video(video) for video in videos]
+            kwargs["videos"] = [frames for frames, _ in loaded]
+            # frames already sampled: the rate says how far apart they are (Qwen2.5-VL's temporal positions)
+            kwargs["video_metadata"] = [{"fps": fps, "total_num_frames": len(frames),
+                                         "frames_indices": list(range(len(frames)))} for frames, fps in loaded]
+            kwargs["do_sample_frames"] = False
+        return kwargs
+
+    def __call__(self, items: list[dict]) -> dict:
+        """items: dicts with `images` and optionally `videos` (lists, may be empty), `prompt` and `response`."""
+        rendered = [self.render(item) for item in items]
+        kwargs = dict(text=[text for text, _ in rendered], padding=True, padding_side="right",
+                      add_special_tokens=False, return_tensors="pt")
+        kwargs.update(self.vision_inputs([image for _, placed in rendered for image in placed.images],
+                                          [video for _, placed in rendered for video in placed.videos]))
         batch = dict(self.processing_class(**kwargs))
         batch.pop("token_type_ids", None)
         return batch

@@ -9,12 +9,12 @@ pair is the case N = 2 (branch 1 the chosen answer, branch 2 the rejected one); 
 """
 
 import logging
-from itertools import groupby
+from itertools import groupby, repeat
 
 import torch
 
 from .conversation import ConversationRenderer
-from .pair_collator import PairCollator
+from .pair_collator import PairCollator, side_item
 
 logger = logging.getLogger(__name__)
 
@@ -38,33 +38,39 @@ def shared_prefix_length(*rows: list[int]) -> int:
     return min(n, *(len(row) - 1 for row in rows))
 
 
-def mrope_positions(ids: list[int], image_grids, image_token_id: int | None,
-                    merge_size: int) -> tuple[torch.Tensor, int]:
-    """[3, len(ids)] (temporal, height, width) positions as Qwen-VL's get_rope_index gives for still images,
-    and the next free position. `image_grids` yields one (t, h, w) patch grid per run of image tokens."""
-    parts, position = [], 0
-    for is_image, run in groupby(ids, key=lambda token: token == image_token_id):
+def mrope_positions(ids: list[int], vision: dict, merge_size: int, start: int = 0) -> tuple[torch.Tensor, int]:
+    """[3, len(ids)] (temporal, height, width) positions as Qwen-VL's get_rope_index gives them from `start` on,
+    and the next free position. `vision` maps each vision token id (image, video) to an iterator over its runs:
+    one ((t, h, w) patch grid, temporal interval) per run of that token, in order."""
+    parts, position = [], start
+    for token, run in groupby(ids, key=lambda token: token if token in vision else None):
         n = len(list(run))
-        if not is_image:
+        if token is None:
             parts.append(torch.arange(n).expand(3, n) + position)
             position += n
             continue
-        t, h, w = (int(size) for size in next(image_grids))
-        h, w = h // merge_size, w // merge_size
-        grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        (t, h, w), interval = next(vision[token])
+        t, h, w = int(t), int(h) // merge_size, int(w) // merge_size
+        grid = torch.stack(torch.meshgrid((torch.arange(t) * interval).long(), torch.arange(h), torch.arange(w),
+                                          indexing="ij"))
         parts.append(grid.reshape(3, -1) + position)
-        position += max(h, w)  # the text after an image starts past its largest side, not past its token count
-    return torch.cat(parts, dim=1), position
+        position += max(h, w)  # the text after an image or video starts past its largest side, not its token count
+    empty = torch.zeros(3, 0, dtype=torch.long)
+    return torch.cat(parts, dim=1) if parts else empty, position
 
 
 def pack_branches(groups: list[tuple[list[int], list[list[int]]]], pad_token_id: int, mrope: bool,
-                  image_grids=None, image_token_id: int | None = None, merge_size: int = 2) -> dict:
+                  image_grids=None, image_token_id: int | None = None, merge_size: int = 2,
+                  video_grids=None, video_token_id: int | None = None, video_intervals=None) -> dict:
     """(prompt, [branch 1, ..., branch N]) token ids per group -> the packed tensors (right padded).
 
-    `position_ids` is [3, B, L] with mRoPE (image tokens get 3D positions), else [B, L]. `branch_row` and
-    `branch_index` say where each branch's last token is, group by group and branch by branch.
+    `position_ids` is [3, B, L] with mRoPE (image and video tokens get 3D positions, in the order of `image_grids` /
+    `video_grids` through the prompts and branches; `video_intervals` spaces each video's temporal patches), else
+    [B, L]. `branch_row` and `branch_index` say where each branch's last token is, group by group and branch by branch.
     """
-    grids = iter(image_grids if image_grids is not None else [])
+    vision = {image_token_id: zip(iter(image_grids if image_grids is not None else []), repeat(1)),
+              video_token_id: zip(iter(video_grids if video_grids is not None else []),
+                                  iter(video_intervals if video_intervals is not None else []))}
     length = max(len(prompt) + sum(map(len, branches)) for prompt, branches in groups)
     input_ids = torch.full((len(groups), length), pad_token_id)
     segment_ids = torch.full((len(groups), length), PAD)
@@ -75,10 +81,10 @@ def pack_branches(groups: list[tuple[list[int], list[list[int]]]], pad_token_id:
         input_ids[row, :end] = torch.tensor(prompt + [token for branch in branches for token in branch])
         segment_ids[row, :end] = torch.tensor(
             [PROMPT] * len(prompt) + [k for k, branch in enumerate(branches, start=1) for _ in branch])
-        prompt_positions, start = mrope_positions(prompt, grids, image_token_id, merge_size)
+        positions, start = mrope_positions(prompt, vision, merge_size)
         # Every branch continues from the end of the prompt, as it does in its own plain row.
-        answers = start + torch.cat([torch.arange(len(branch)) for branch in branches])
-        position_ids[:, row, :end] = torch.cat([prompt_positions, answers.expand(3, -1)], dim=1)
+        positions = [positions] + [mrope_positions(branch, vision, merge_size, start)[0] for branch in branches]
+        position_ids[:, row, :end] = torch.cat(positions, dim=1)
         last = len(prompt) - 1
         for branch in branches:
             last += len(branch)
@@ -112,37 +118,89 @@ def chosen_then_rejected(batch: dict) -> dict:
     return batch
 
 
-def pack_conversations(renderer: ConversationRenderer, groups: list[tuple[list, object, list]]) -> dict | None:
-    """(images, prompt, [response 1, ..., response N]) per group -> one packed batch (`pack_branches`), each
-    image processed once. The rows are rendered and tokenized as `renderer` renders them one by one; the shared
-    prompt is the tokens all N rows have in common. None when an image sits inside a response (it is not shared):
-    the caller then uses plain rows."""
-    texts = [[renderer.render_text(prompt, response, len(images)) for response in responses]
-             for images, prompt, responses in groups]
-    flat = renderer.tokenizer([text for group in texts for text in group], add_special_tokens=False)["input_ids"]
-    rows, start = [], 0  # one placeholder per image, not expanded
-    for group in texts:
+def video_time_interval(config):
+    """seconds per temporal patch -> temporal positions between a video's temporal patches, as the family's
+    get_rope_index spaces them; None for families whose video positions are not computed here (Qwen3-VL writes
+    timestamps into the text): their video rows are scored as plain rows."""
+    if config.model_type == "qwen2_5_vl":
+        return lambda seconds: config.vision_config.tokens_per_second * seconds
+    if config.model_type == "qwen2_vl":
+        return lambda seconds: 1
+    return None
+
+
+def _nth(row: list[int], token: int | None, n: int) -> int:
+    """Index of the n-th (from 0) `token` in `row`, or len(row)."""
+    seen = -1
+    for index, value in enumerate(row):
+        seen += value == token
+        if seen == n:
+            return index
+    return len(row)
+
+
+def pack_conversations(renderer: ConversationRenderer, groups: list[list[dict]], video_interval=None) -> dict | None:
+    """Groups of items sharing a prompt and its media ({"images", "videos", "prompt", "response"} each, as the
+    renderer takes them) -> one packed batch (`pack_branches`), the prompt's images and videos processed once and
+    each response's own in its branch. The rows are rendered and tokenized as `renderer` renders them one by one;
+    the shared prompt is the tokens all rows of a group have in common, up to the first medium of a response.
+    `video_interval` is `video_time_interval(config)`; None when videos cannot be packed (the caller then uses plain
+    rows, as this returns None)."""
+    rendered = [[renderer.render(item) for item in group] for group in groups]
+    if video_interval is None and any(placed.videos for group in rendered for _, placed in group):
+        return None
+    flat = renderer.tokenizer([text for group in rendered for text, _ in group], add_special_tokens=False)["input_ids"]
+    rows, start = [], 0  # one placeholder per image or video, not expanded
+    for group in rendered:
         rows.append(flat[start:start + len(group)])
         start += len(group)
-    image_token_id = getattr(renderer.processing_class, "image_token_id", None)
-    splits = [shared_prefix_length(*group) for group in rows]
-    if any(image_token_id in row[split:] for group, split in zip(rows, splits) for row in group):
-        return None
-    images = renderer.load_images([{"images": images} for images, _, _ in groups])
+    processor = renderer.processing_class
+    image_token_id = getattr(processor, "image_token_id", None)
+    video_token_id = getattr(processor, "video_token_id", None)
+    splits, shared = [], []  # where each group's branches start; how many images and videos its prompt holds
+    for group, token_rows in zip(rendered, rows):
+        split = min(shared_prefix_length(*token_rows),
+                    *(_nth(row, image_token_id, placed.prompt_images) for row, (_, placed) in zip(token_rows, group)),
+                    *(_nth(row, video_token_id, placed.prompt_videos) for row, (_, placed) in zip(token_rows, group)))
+        splits.append(split)
+        shared.append((token_rows[0][:split].count(image_token_id), token_rows[0][:split].count(video_token_id)))
+    # Media in the packed sequence's order: a group's prompt media once, then each branch's own.
+    images, videos = [], []
+    for group, (n_images, n_videos) in zip(rendered, shared):
+        images += group[0][1].images[:n_images]
+        videos += group[0][1].videos[:n_videos]
+        for _, placed in group:
+            images += placed.images[n_images:]
+            videos += placed.videos[n_videos:]
+    vision = {}
+    if images:
+        vision.update(renderer.image_processor(images=renderer.load_images([{"images": images}]), return_tensors="pt"))
+    intervals = []
+    if videos:
+        inputs = renderer.vision_inputs([], videos)
+        vision.update(renderer.video_processor(videos=inputs["videos"], video_metadata=inputs["video_metadata"],
+                                               do_sample_frames=False, return_tensors="pt"))
+        patch = renderer.video_processor.temporal_patch_size
+        intervals = [video_interval(patch / metadata["fps"]) for metadata in inputs["video_metadata"]]
+    # The processor's rule: an image or a video becomes grid_t * grid_h * grid_w / merge_size**2 placeholder tokens.
+    merge_size = getattr(renderer.image_processor or renderer.video_processor, "merge_size", 1)
+    counts = {token: iter((vision[key].prod(-1) // merge_size**2).tolist() if key in vision else [])
+              for token, key in ((image_token_id, "image_grid_thw"), (video_token_id, "video_grid_thw"))}
 
-    vision = dict(renderer.image_processor(images=images, return_tensors="pt")) if images else {}
-    # The processor's rule: an image becomes grid_t * grid_h * grid_w / merge_size**2 placeholder tokens.
-    merge_size = getattr(renderer.image_processor, "merge_size", 1)
-    counts = iter((vision["image_grid_thw"].prod(-1) // merge_size**2).tolist() if images else [])
+    def expand(tokens: list[int]) -> list[int]:
+        expanded = []
+        for token in tokens:
+            expanded += [token] * (next(counts[token]) if token in counts else 1)
+        return expanded
+
     packed = []
-    for group, split in zip(rows, splits):
-        prompt = []
-        for token in group[0][:split]:
-            prompt += [token] * (next(counts) if token == image_token_id else 1)
-        packed.append((prompt, [row[split:] for row in group]))
+    for token_rows, split in zip(rows, splits):
+        prompt = expand(token_rows[0][:split])
+        packed.append((prompt, [expand(row[split:]) for row in token_rows]))
     batch = pack_branches(
         packed, renderer.tokenizer.pad_token_id, mrope=renderer.image_processor is not None,
         image_grids=vision.get("image_grid_thw"), image_token_id=image_token_id, merge_size=merge_size,
+        video_grids=vision.get("video_grid_thw"), video_token_id=video_token_id, video_intervals=intervals,
     )
     batch.update(vision)
     return batch
@@ -152,12 +210,19 @@ class PackedPairCollator(PairCollator):
     """Collates rows of the preference schema into one packed sequence per pair (see `pack_conversations`).
 
     The rows are rendered and tokenized exactly as PairCollator does; the shared prompt is the tokens the chosen
-    and the rejected row have in common. A batch in which an image sits inside an answer (so it is not shared)
-    falls back to the plain two-row batch, which the model also accepts.
+    and the rejected row have in common, with the prompt's images and videos; each response's own media go in its
+    branch. `video_interval` (`video_time_interval` of the model's config) places video frames; without it a batch
+    with videos falls back to the plain two-row batch, which the model also accepts.
     """
 
+    def __init__(self, processing_class, min_pixels: int | None = None, max_pixels: int | None = None,
+                 video_interval=None):
+        super().__init__(processing_class, min_pixels, max_pixels)
+        self.video_interval = video_interval
+
     def __call__(self, examples: list[dict]) -> dict:
-        batch = pack_conversations(self, [(e["images"], e["prompt"], [e["chosen"], e["rejected"]]) for e in examples])
+        groups = [[side_item(example, side) for side in ("chosen", "rejected")] for example in examples]
+        batch = pack_conversations(self, groups, self.video_interval)
         if batch is None:
             return super().__call__(examples)
         chosen_then_rejected(batch)
@@ -176,7 +241,7 @@ def pair_collator_for(model, processing_class, pack_pairs: bool = True,
     """The packed collator where the model supports it (and `pack_pairs`), else the plain two-row one."""
     if pack_pairs and supports_packing(model):
         logger.info("Pair layout: packed, one sequence per pair with a shared prompt")
-        return PackedPairCollator(processing_class, min_pixels, max_pixels)
+        return PackedPairCollator(processing_class, min_pixels, max_pixels, video_time_interval(model.config))
     if pack_pairs:
         logger.info("Pair layout: two rows per pair (packing needs one of %s with sdpa, flex_attention or "
                     "flash_attention_2; got %s with %s)",

@@ -3,14 +3,21 @@
 Schema (one row = one pair), from a hub id or a local .jsonl / .json / .parquet file:
     images    list of images: paths (relative to the data file), bytes or datasets Images; may be empty.
               `image` (a single image or null) is accepted instead.
+    videos    optional list of videos: each a video file (path relative to the data file) or a list of frames
+              (images), as qwen-vl-utils takes them; sampled and sized by the video budget (`video_fps`,
+              `video_max_frames`, `video_min_pixels` / `video_max_pixels` per frame), saved with the checkpoint.
     prompt    a string, or chat messages [{"role": "user", "content": ...}, ...]
     chosen    the preferred response: a string, or assistant messages
     rejected  the other response, same form
+Any turn, responses included, may hold image and video parts: `{"type": "image", "image": path}` /
+`{"type": "video", "video": path or [frames]}` carry their media inline; a bare `{"type": "image"}` / `{"type":
+"video"}` takes the next of `images` / `videos`, and those left over go first in the first user turn. A response's
+media belong to it alone: packed training encodes the prompt's media once and each response's in its branch.
     margin    optional float: the loss becomes -log sigmoid(r+ - r- - margin), as in TRL; finite and at most
               `max_abs_margin` (100 by default) in size, else the row is a `bad_margin` drop
     source    optional string, kept for reports
 
-Every row is checked once, before training: images decode, responses are non-empty and differ, and both
+Every row is checked once, before training: images and videos decode (a bad one is a counted drop naming it), responses are non-empty and differ, and both
 rendered sequences fit `max_length` (a response is never cut: its last token is the one scored). Bad rows
 are dropped and counted per reason (`bad_rows=drop`, the default) or stop the run with an error naming the
 file and the row (`bad_rows=error`); the per-source report is logged and returned, and `write_data_report` writes
@@ -30,9 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-from datasets import Dataset, Image, List, concatenate_datasets, load_dataset
+from datasets import Dataset, Features, Image, List, Value, concatenate_datasets, load_dataset
 
-from .conversation import ConversationRenderer, PixelBudgetArguments, open_image, to_messages
+from .conversation import (
+    ConversationRenderer,
+    PixelBudgetArguments,
+    VideoBudgetArguments,
+    open_image,
+    place_media,
+    set_video_budget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +56,7 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass
-class PreferenceDataArguments(PixelBudgetArguments):
+class PreferenceDataArguments(PixelBudgetArguments, VideoBudgetArguments):
     """Which pairs train and how they are checked and laid out in a batch."""
 
     dataset_mixture: dict | str | None = field(
@@ -115,8 +129,29 @@ def _image_entry(image, base_dir: str | None) -> dict:
     return {"bytes": None, "path": str(path)}
 
 
+def _video_entry(video, base_dir: str | None) -> dict:
+    """A video as the dataset stores it: {"path": a video file, "frames": []} or {"path": None, "frames": [images]}."""
+    if isinstance(video, dict):
+        video = video.get("frames") or video.get("path")
+    if isinstance(video, (list, tuple)):
+        return {"path": None, "frames": [_image_entry(frame, base_dir) for frame in video]}
+    return {"path": _image_entry(video, base_dir)["path"], "frames": []}
+
+
+MEDIA_COLUMNS = ("images", "videos", "chosen_images", "chosen_videos", "rejected_images", "rejected_videos")
+IMAGES = List(Image(decode=False))
+MESSAGES = List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})})
+# The checked rows' columns: the prompt's media, each response's own, and the conversation with bare placeholders.
+CHECKED_FEATURES = {
+    **{column: List({"path": Value("string"), "frames": IMAGES}) if column.endswith("videos") else IMAGES
+       for column in MEDIA_COLUMNS},
+    "prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES,
+    "source": Value("string"), "drop_reason": Value("string"), "drop_detail": Value("string"),
+}
+
+
 def is_empty(messages: list[dict]) -> bool:
-    return not any((part["text"] or "").strip() or part["type"] == "image" for m in messages for part in m["content"])
+    return not any((part["text"] or "").strip() or part["type"] != "text" for m in messages for part in m["content"])
 
 
 def message_problem(value) -> str | None:
@@ -145,8 +180,8 @@ class RowChecker:
         self.max_abs_margin = max_abs_margin
 
     def __call__(self, row: dict, index: int) -> dict:
-        out = {"images": [], "prompt": [], "chosen": [], "rejected": [], "source": str(row.get("source") or self.name),
-               "drop_reason": "", "drop_detail": ""}
+        out = {**{column: [] for column in MEDIA_COLUMNS}, "prompt": [], "chosen": [], "rejected": [],
+               "source": str(row.get("source") or self.name), "drop_reason": "", "drop_detail": ""}
         if "margin" in row:
             out["margin"] = 0.0
         problem = self.normalise(row, out)
@@ -161,17 +196,35 @@ class RowChecker:
 
     def normalise(self, row: dict, out: dict) -> tuple[str, str] | None:
         """Fills `out` with the canonical form of `row`, or says which field has the wrong type."""
-        for field_name, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
+        for field_name in ("prompt", "chosen", "rejected"):
             problem = message_problem(row[field_name])
             if problem:
                 return f"bad_{'prompt' if field_name == 'prompt' else 'response'}", f"{field_name}: {problem}"
-            out[field_name] = to_messages(row[field_name], role)
         images = row.get("images")
         if images is None:
             images = [] if row.get("image") is None else [row["image"]]
         if not isinstance(images, list) or any(image is None for image in images):
             return "bad_image_field", f"images must be a list of images, got {images!r:.80}"
-        out["images"] = [_image_entry(image, self.base_dir) for image in images]
+        videos = row.get("videos") or []
+        if not isinstance(videos, list) or any(not video for video in videos):
+            return "bad_video_field", f"videos must be a list of video files or frame lists, got {videos!r:.80}"
+        sides = {}
+        for side in ("chosen", "rejected"):
+            try:
+                sides[side] = place_media(row["prompt"], row[side], images, videos)
+            except ValueError as error:
+                return "bad_media", f"{side}: {error}"
+        if sides["chosen"].prompt != sides["rejected"].prompt:
+            return "bad_media", ("the responses hold different numbers of bare image / video placeholders, so the "
+                                 "prompt's media differ between them; give a response's media inline in its parts")
+        placed = sides["chosen"]
+        out["prompt"] = placed.prompt
+        out["images"] = [_image_entry(image, self.base_dir) for image in placed.images[:placed.prompt_images]]
+        out["videos"] = [_video_entry(video, self.base_dir) for video in placed.videos[:placed.prompt_videos]]
+        for side, placed in sides.items():
+            out[side] = placed.response
+            out[f"{side}_images"] = [_image_entry(image, self.base_dir) for image in placed.images[placed.prompt_images:]]
+            out[f"{side}_videos"] = [_video_entry(video, self.base_dir) for video in placed.videos[placed.prompt_videos:]]
         if "margin" in row:
             margin = row["margin"]
             if isinstance(margin, bool) or not isinstance(margin, (int, float)):
@@ -182,30 +235,51 @@ class RowChecker:
             out["margin"] = float(margin)
         return None
 
+    def check_image(self, image: dict):
+        """(the image resized for the model, None) or (None, what is wrong)."""
+        where = image["path"] or "embedded bytes"
+        if image["bytes"] is None and not os.path.isfile(image["path"]):
+            return None, ("missing_image", f"image file {where} does not exist")
+        try:
+            decoded = open_image(image)
+            decoded.load()
+        except Exception as error:  # PIL raises several types for undecodable data
+            return None, ("corrupt_image", f"image {where} cannot be decoded ({type(error).__name__}: {error})")
+        try:  # the resize of training: qwen-vl-utils refuses extreme shapes
+            return self.renderer.load_image(decoded), None
+        except Exception as error:
+            return None, ("unusable_image", f"image {where} cannot be resized for the model ({error})")
+
+    def check_video(self, video: dict, number: int):
+        """(the video loaded for the model, None) or (None, ("bad_video", which video and what is wrong))."""
+        where = video["path"] or f"video {number} (a list of {len(video['frames'])} frames)"
+        if video["path"] is not None and not os.path.isfile(video["path"]):
+            return None, ("bad_video", f"video file {where} does not exist")
+        try:
+            return self.renderer.load_video(video), None
+        except Exception as error:  # PyAV, PIL and qwen-vl-utils raise many types for undecodable or unusable data
+            return None, ("bad_video", f"video {where} cannot be decoded or sampled ({type(error).__name__}: {error})")
+
     def find_problem(self, row: dict) -> tuple[str, str] | None:
-        resized = []  # each image decoded once; the length check below renders these
-        for image in row["images"]:
-            where = image["path"] or "embedded bytes"
-            if image["bytes"] is None and not os.path.isfile(image["path"]):
-                return "missing_image", f"image file {where} does not exist"
-            try:
-                decoded = open_image(image)
-                decoded.load()
-            except Exception as error:  # PIL raises several types for undecodable data
-                return "corrupt_image", f"image {where} cannot be decoded ({type(error).__name__}: {error})"
-            try:  # the resize of training: qwen-vl-utils refuses extreme shapes
-                resized.append(self.renderer.load_image(decoded))
-            except Exception as error:
-                return "unusable_image", f"image {where} cannot be resized for the model ({error})"
-        if is_empty(row["prompt"]) and not row["images"]:
+        loaded = {}  # each image and video decoded once; the length check below renders these
+        for column in MEDIA_COLUMNS:
+            check = self.check_video if column.endswith("videos") else lambda image, _: self.check_image(image)
+            loaded[column] = []
+            for number, medium in enumerate(row[column]):
+                value, problem = check(medium, number)
+                if problem:
+                    return problem
+                loaded[column].append(value)
+        if is_empty(row["prompt"]) and not row["images"] and not row["videos"]:
             return "empty_prompt", "the prompt is empty"
         for side in ("chosen", "rejected"):
             if is_empty(row[side]):
                 return "empty_response", f"the {side} response is empty"
-        if row["chosen"] == row["rejected"]:
+        if all(row[f"chosen{key}"] == row[f"rejected{key}"] for key in ("", "_images", "_videos")):
             return "identical_responses", "chosen and rejected are identical"
         if self.max_length is not None:
-            items = [{"images": resized, "prompt": row["prompt"], "response": row[s]} for s in ("chosen", "rejected")]
+            items = [{"images": loaded["images"] + loaded[f"{s}_images"], "videos": loaded["videos"] + loaded[f"{s}_videos"],
+                      "prompt": row["prompt"], "response": row[s]} for s in ("chosen", "rejected")]
             length = int(self.renderer(items)["attention_mask"].sum(-1).max())
             if length > self.max_length:
                 return "overlong", f"{length} tokens > max_length {self.max_length} (responses are never cut)"
@@ -258,8 +332,9 @@ def load_preference_mixture(
                              max_abs_margin=max_abs_margin)
         # A fingerprint of its own at every load: datasets keys its cache on the data file, not on the images, which
         # may have been fixed or broken since; every later step (filter, cast) then runs afresh too.
+        features = Features({**CHECKED_FEATURES, **({"margin": Value("float64")} if "margin" in dataset.column_names else {})})
         checked = dataset.map(
-            checker, with_indices=True, num_proc=num_proc, desc=f"Checking {name}",
+            checker, with_indices=True, num_proc=num_proc, desc=f"Checking {name}", features=features,
             remove_columns=dataset.column_names, new_fingerprint=f"row-check-{uuid.uuid4().hex}",
         )
         reasons = Counter(checked["drop_reason"])
@@ -283,7 +358,7 @@ def load_preference_mixture(
         parts.append(_weighted(kept, weight, seed))
     if has_margin:
         parts = [p if "margin" in p.column_names else p.add_column("margin", [0.0] * len(p)) for p in parts]
-    mixed = concatenate_datasets([p.cast_column("images", List(Image(decode=False))) for p in parts])
+    mixed = concatenate_datasets(parts)
     table = format_report(report, len(mixed))
     if len(mixed) == 0:
         raise ValueError(f"no pair is left to train on from {', '.join(report)}: every row was dropped or "

@@ -13,13 +13,15 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
 from collators import ConversationRenderer
-from collators.packed_pair_collator import pack_conversations, supports_packing
+from collators.conversation import place_media
+from collators.packed_pair_collator import pack_conversations, supports_packing, video_time_interval
 
 from .value_head import ValueHeadRewardModel
 
 
 class RewardScorer:
-    """Batched scoring. Items are dicts with `images` (list, may be empty), `prompt` and `response`.
+    """Batched scoring. Items are dicts with `images` (list, may be empty), optional `videos` (video files or frame
+    lists), `prompt` and `response`; any turn may hold image and video parts (see collators/conversation.py).
 
     >>> scorer = RewardScorer.from_pretrained("Skywork/Skywork-VL-Reward-7B")
     >>> scorer.score([{"images": ["chart.png"], "prompt": "Is Purple the highest value?", "response": "B"}])
@@ -71,11 +73,10 @@ class RewardScorer:
         groups, rows = self._shared_prompt_groups(items)
         with tqdm(total=len(items), desc="Scoring", disable=not progress) as bar:
             for batch_groups in self._batches(groups, items):
-                batch = pack_conversations(self.renderer, [
-                    (items[group[0]]["images"], items[group[0]]["prompt"], [items[i]["response"] for i in group])
-                    for group in batch_groups])
+                batch = pack_conversations(self.renderer, [[items[i] for i in group] for group in batch_groups],
+                                           video_time_interval(self.model.config))
                 indices = [i for group in batch_groups for i in group]
-                if batch is None:  # an image inside a response is not shared: plain rows
+                if batch is None:  # videos the family's packed positions do not cover: plain rows
                     rows += indices
                     continue
                 self._forward(batch, indices, scores)
@@ -130,12 +131,20 @@ class RewardScorer:
 
 
 def _approximate_length(item: dict) -> int:
-    return len(str(item["prompt"])) + len(str(item["response"])) + 1000 * len(item["images"])
+    return (len(str(item["prompt"])) + len(str(item["response"])) + 1000 * len(item.get("images") or [])
+            + 4000 * len(item.get("videos") or []))
 
 
 def _prompt_key(item: dict) -> str:
-    """Items with equal keys share the prompt and the images (compared by content, whatever their form)."""
-    return json.dumps([item["prompt"], [_image_key(image) for image in item["images"]]], sort_keys=True, default=str)
+    """Items with equal keys share the prompt and its images and videos (compared by content, whatever their form);
+    a response's own media are not part of it."""
+    placed = place_media(item["prompt"], item["response"], item.get("images") or [], item.get("videos") or [])
+    videos = [video.get("frames") or video.get("path") if isinstance(video, dict) else video  # datasets' form
+              for video in placed.videos[:placed.prompt_videos]]
+    videos = [[_image_key(frame) for frame in video] if isinstance(video, (list, tuple)) else _image_key(video)
+              for video in videos]
+    return json.dumps([placed.prompt, [_image_key(image) for image in placed.images[:placed.prompt_images]], videos],
+                      sort_keys=True, default=str)
 
 
 def _image_key(image) -> str:

@@ -24,7 +24,8 @@ from transformers import AutoProcessor, set_seed
 from trl import ModelConfig, RewardConfig, TrlParser, get_peft_config
 
 from collators import (
-    PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget, write_data_report,
+    PreferenceDataArguments, load_training_data, pair_collator_for, set_pixel_budget, set_video_budget,
+    write_data_report,
 )
 from heads import (
     RewardModelArguments, ValueHeadRewardModel, VLRewardTrainer, apply_freezing, apply_lora, check_model_config,
@@ -37,6 +38,7 @@ def main(data_args, model_args, training_args, model_config):
     set_seed(training_args.seed)  # before the value head is built: same arguments, same weights
     processor = AutoProcessor.from_pretrained(model_config.model_name_or_path, revision=model_config.model_revision)
     set_pixel_budget(processor, data_args.min_pixels, data_args.max_pixels)  # saved with the checkpoint
+    set_video_budget(processor, data_args)  # fps, frames and pixels per frame: saved with the checkpoint too
     if training_args.max_length:  # saved with the checkpoint too: the reward server's default row limit
         getattr(processor, "tokenizer", processor).model_max_length = training_args.max_length
 

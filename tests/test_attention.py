@@ -228,7 +228,8 @@ def test_packed_equals_plain_rows(tiny_checkpoints, family, with_images, n, impl
         plain, packed = PairCollator(processor)(examples), PackedPairCollator(processor)(examples)
     else:  # N-way scoring groups
         renderer = ConversationRenderer(processor)
-        packed = pack_conversations(renderer, groups(with_images))
+        packed = pack_conversations(renderer, [[{"images": images, "prompt": prompt, "response": response}
+                                                  for response in responses] for images, prompt, responses in groups(with_images)])
         plain = renderer([{"images": images, "prompt": prompt, "response": response}
                           for images, prompt, responses in groups(with_images) for response in responses])
     assert "segment_ids" in packed and (packed["segment_ids"] > PROMPT).sum(-1).max() > 0

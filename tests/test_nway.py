@@ -36,6 +36,11 @@ def load(tiny_checkpoints, family):
     return model, AutoProcessor.from_pretrained(path)
 
 
+def item_groups(batch_groups):
+    return [[{"images": images, "prompt": prompt, "response": response} for response in responses]
+            for images, prompt, responses in batch_groups]
+
+
 def plain_items(batch_groups):
     return [{"images": images, "prompt": prompt, "response": response}
             for images, prompt, responses in batch_groups for response in responses]
@@ -46,7 +51,7 @@ def test_nway_packed_equals_plain_rows(tiny_checkpoints, family, with_images):
     model, processor = load(tiny_checkpoints, family)
     renderer = ConversationRenderer(processor)
     batch_groups = groups(with_images)
-    packed = pack_conversations(renderer, batch_groups)
+    packed = pack_conversations(renderer, item_groups(batch_groups))
     plain = renderer(plain_items(batch_groups))
     assert packed["input_ids"].shape[0] == 3 and packed["branch_index"].shape[0] == 8
     if with_images:  # each image is encoded once per prompt, not once per response
@@ -105,12 +110,14 @@ def test_mask_keeps_n_branches_apart():
     ]
 
 
-def test_image_inside_a_response_scores_as_rows(tiny_checkpoints):
+def test_image_inside_a_response_packs_in_its_branch(tiny_checkpoints):
     model, processor = load(tiny_checkpoints, "qwen2_5_vl")
     answer_with_image = [{"role": "assistant", "content": [{"type": "image"}, {"type": "text", "text": "This."}]}]
-    image = Image.new("RGB", (56, 56), (0, 255, 0))
-    assert pack_conversations(ConversationRenderer(processor), [([image], "Show me.", ["No.", answer_with_image])]) is None
-    items = [{"images": [image], "prompt": "Show me.", "response": response} for response in ("No.", answer_with_image)]
+    prompt_image, answer_image = Image.new("RGB", (56, 56), (0, 255, 0)), Image.new("RGB", (84, 56), (0, 0, 255))
+    items = [{"images": [prompt_image], "prompt": "Show me.", "response": "No."},
+             {"images": [prompt_image, answer_image], "prompt": "Show me.", "response": answer_with_image}]
+    packed = pack_conversations(ConversationRenderer(processor), [items])
+    assert packed["image_grid_thw"].shape[0] == 2 and (packed["segment_ids"] == PROMPT).sum() > 0
     shared = RewardScorer(model, processor).score(items)
     rows = RewardScorer(model, processor, shared_prompt=False).score(items)
     torch.testing.assert_close(torch.tensor(shared), torch.tensor(rows), **TOLERANCE)

@@ -145,12 +145,10 @@ def test_fallbacks(tiny_checkpoints):
     assert type(pair_collator_for(model, processor, pack_pairs=False)) is PairCollator
     model.config.get_text_config()._attn_implementation = "eager"
     assert type(pair_collator_for(model, processor)) is PairCollator
-    # An image inside an answer is not shared by the pair: that batch keeps the two-row layout.
+    # Videos on a family whose packed video positions are not computed keep the two-row layout.
     examples = image_pairs()[:1]
-    answer_with_image = [{"type": "image"}, {"type": "text", "text": "Like this."}]
-    examples[0]["chosen"] = [{"role": "assistant", "content": answer_with_image}]
-    examples[0]["images"] = examples[0]["images"] * 2
-    batch = PackedPairCollator(processor)(examples)
+    examples[0]["videos"] = [[Image.new("RGB", (56, 56), (9, 9, 9))] * 2]
+    batch = PackedPairCollator(processor, video_interval=None)(examples)
     assert "segment_ids" not in batch and batch["input_ids"].shape[0] == 2
 
 

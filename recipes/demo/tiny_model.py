@@ -137,6 +137,7 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
         return Qwen2ForCausalLM(config).eval(), tokenizer
 
     image_processor_kwargs = dict(min_pixels=56 * 56, max_pixels=224 * 224)
+    video_size = {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}  # per frame: a few tokens each
     if family == "qwen2_5_vl":
         config = Qwen2_5_VLConfig(
             text_config=_text_config(tokenizer, hidden_size, num_layers, rope_parameters=rope),
@@ -147,7 +148,7 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
             **_token_ids(tokenizer),
         )
         model = Qwen2_5_VLForConditionalGeneration(config)
-        processor_cls, video_processor = Qwen2_5_VLProcessor, Qwen2VLVideoProcessor()
+        processor_cls, video_processor = Qwen2_5_VLProcessor, Qwen2VLVideoProcessor(size=video_size)
     elif family == "qwen2_vl":
         config = Qwen2VLConfig(
             text_config=_text_config(tokenizer, hidden_size, num_layers, rope_parameters=rope),
@@ -155,7 +156,7 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
             **_token_ids(tokenizer),
         )
         model = Qwen2VLForConditionalGeneration(config)
-        processor_cls, video_processor = Qwen2VLProcessor, Qwen2VLVideoProcessor()
+        processor_cls, video_processor = Qwen2VLProcessor, Qwen2VLVideoProcessor(size=video_size)
     elif family == "qwen3_vl":
         config = Qwen3VLConfig(
             text_config=_text_config(tokenizer, hidden_size, num_layers, head_dim=head_dim, rope_parameters=rope),
@@ -166,8 +167,9 @@ def build_tiny_model(family: str, hidden_size: int = 64, num_layers: int = 2, se
             **_token_ids(tokenizer),
         )
         model = Qwen3VLForConditionalGeneration(config)
-        processor_cls, video_processor = Qwen3VLProcessor, Qwen3VLVideoProcessor()
         image_processor_kwargs.update(patch_size=16, min_pixels=64 * 64, max_pixels=256 * 256)
+        processor_cls = Qwen3VLProcessor
+        video_processor = Qwen3VLVideoProcessor(size={"shortest_edge": 64 * 64, "longest_edge": 128 * 128})
     else:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     processor = processor_cls(
