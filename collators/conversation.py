@@ -221,20 +221,27 @@ def set_video_budget(processing_class, budget: VideoBudgetArguments) -> None:
         video_processor.size = type(size)(**merged)
 
 
-def read_video(path, fps: float, min_frames: int, max_frames: int) -> tuple[list[Image.Image], float]:
-    """Frames of a video file sampled as qwen-vl-utils samples them (evenly, `fps` per second, within the frame
-    budget), and the rate they were sampled at. Decoding stops at the last frame needed."""
+def read_video(source, fps: float, min_frames: int, max_frames: int, before_decoding=None) -> tuple[list, float]:
+    """Frames of a video file (a path or a file object) sampled as qwen-vl-utils samples them (evenly, `fps` per
+    second, within the frame budget), and the rate they were sampled at. `before_decoding(width, height, frames)`, given,
+    sees the header's frame size and the number of frames to be decoded first (and may refuse them). Decoding stops at
+    the last frame needed."""
     import av
     from qwen_vl_utils.vision_process import smart_nframes
 
-    with av.open(str(path)) as container:
+    name = source if isinstance(source, (str, Path)) else "the video"
+    with av.open(source if isinstance(source, (str, Path)) else source, "r") as container:
+        if not container.streams.video:
+            raise ValueError(f"{name}: no video stream")
         stream = container.streams.video[0]
         rate = float(stream.average_rate or 0)
         total = stream.frames or int(float((stream.duration or 0) * stream.time_base) * rate)
         if total <= 0 or rate <= 0:
-            raise ValueError(f"{path}: the video declares no frame count or frame rate")
+            raise ValueError(f"{name}: the video declares no frame count or frame rate")
         count = smart_nframes({"fps": fps, "min_frames": min_frames, "max_frames": max_frames}, total_frames=total,
                               video_fps=rate)
+        if before_decoding is not None:
+            before_decoding(stream.codec_context.width, stream.codec_context.height, count)
         wanted = torch.linspace(0, total - 1, count).round().long().tolist()
         frames = []
         for number, frame in enumerate(container.decode(stream)):
@@ -242,7 +249,7 @@ def read_video(path, fps: float, min_frames: int, max_frames: int) -> tuple[list
             if number >= wanted[-1]:
                 break
     if len(frames) < count:
-        raise ValueError(f"{path}: the video has fewer frames than its header declares ({total})")
+        raise ValueError(f"{name}: the video has fewer frames than its header declares ({total})")
     return frames, count / total * rate
 
 
@@ -300,26 +307,29 @@ class ConversationRenderer:
         qwen-vl-utils within the video budget, the rate they were sampled at)."""
         if self.video_processor is None:
             raise ValueError(f"{type(self.processing_class).__name__} cannot process videos")
-        from qwen_vl_utils import fetch_video
-
         budget = self.video_budget
         if isinstance(video, tuple) and isinstance(video[0], torch.Tensor):  # loaded already
             return video
         if isinstance(video, dict):
             video = video.get("frames") or video.get("path")
         if isinstance(video, (str, Path)):
-            frames, fps = read_video(video, budget["fps"], budget["min_frames"], budget["max_frames"])
-        elif isinstance(video, (list, tuple)) and video:
-            frames, fps = [open_image(frame) for frame in video], budget["fps"]
+            return self.load_frames(*read_video(video, budget["fps"], budget["min_frames"], budget["max_frames"]))
+        if isinstance(video, (list, tuple)) and video:
+            frames = [open_image(frame) for frame in video]
             if len(frames) > budget["max_frames"]:  # evenly, as a video file is sampled
                 keep = torch.linspace(0, len(frames) - 1, budget["max_frames"] // 2 * 2).round().long().tolist()
                 frames = [frames[i] for i in keep]
-        else:
-            raise ValueError(f"a video is a file path or a non-empty list of frames, got {type(video).__name__}")
+            return self.load_frames(frames, budget["fps"])
+        raise ValueError(f"a video is a file path or a non-empty list of frames, got {type(video).__name__}")
+
+    def load_frames(self, frames: list[Image.Image], fps: float) -> tuple[torch.Tensor, float]:
+        """Sampled frames -> ([T, C, H, W] sized by qwen-vl-utils within the video budget, fps)."""
+        from qwen_vl_utils import fetch_video
+
         element = {"video": [frame.convert("RGB") for frame in frames], "sample_fps": fps}
-        element.update({key: budget[key] for key in ("min_pixels", "max_pixels") if budget[key] is not None})
-        patch_size = getattr(self.video_processor, "patch_size", 14)
-        return fetch_video(element, image_patch_size=patch_size), fps
+        element.update({key: self.video_budget[key] for key in ("min_pixels", "max_pixels")
+                        if self.video_budget[key] is not None})
+        return fetch_video(element, image_patch_size=getattr(self.video_processor, "patch_size", 14)), fps
 
     def render_text(self, prompt, response, num_images: int) -> str:
         messages = conversation(to_messages(prompt, "user"), to_messages(response, "assistant"), num_images)
