@@ -153,25 +153,25 @@ def varlen_layout(segment_ids: torch.Tensor) -> VarlenLayout:
     aligned, so its first token sees the whole prompt and itself. Padding is left out."""
     segments = segment_ids.cpu()
     length = segments.shape[1]
-    queries, keys, q_lengths, k_lengths = [], [], [], []
+    queries, keys = [], []
     for row, row_segments in enumerate(segments):
         positions = torch.arange(length) + row * length
         prompt = positions[row_segments == PROMPT]
         branches = [positions[row_segments == k] for k in row_segments.unique().tolist() if k not in (PROMPT, PAD)]
-        first, rest = (branches[0], branches[1:]) if branches else (prompt[:0], [])
-        if len(prompt) + len(first):
-            whole = torch.cat([prompt, first])
-            queries.append(whole), keys.append(whole), q_lengths.append(len(whole)), k_lengths.append(len(whole))
-        for branch in rest:
-            queries.append(branch), keys.append(torch.cat([prompt, branch]))
-            q_lengths.append(len(branch)), k_lengths.append(len(prompt) + len(branch))
+        first = torch.cat([prompt, *branches[:1]])
+        if len(first):
+            queries.append(first)
+            keys.append(first)
+        for branch in branches[1:]:
+            queries.append(branch)
+            keys.append(torch.cat([prompt, branch]))
 
-    def cumulative(lengths):
-        return F.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    def cumulative(sequences):
+        lengths = torch.tensor([len(sequence) for sequence in sequences], dtype=torch.int32)
+        return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(segment_ids.device)
 
-    device = segment_ids.device
-    return VarlenLayout(torch.cat(queries).to(device), torch.cat(keys).to(device), cumulative(q_lengths).to(device),
-                        cumulative(k_lengths).to(device), max(q_lengths), max(k_lengths))
+    return VarlenLayout(torch.cat(queries).to(segment_ids.device), torch.cat(keys).to(segment_ids.device),
+                        cumulative(queries), cumulative(keys), max(map(len, queries)), max(map(len, keys)))
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -216,8 +216,11 @@ def shared_prefix_varlen_attention(module, query, key, value, attention_mask, sc
     plain rows get one from their padding mask (`varlen_mask`)."""
     layout = shared_prefix_layout if shared_prefix_layout is not None else attention_mask
     batch, heads, length, dim = query.shape
-    flat = lambda states: states.transpose(1, 2).reshape(batch * length, states.shape[1], dim)  # noqa: E731
-    q, k, v = flat(query)[layout.query_index], flat(key)[layout.key_index], flat(value)[layout.key_index]
+
+    def tokens(states):  # [B, H, L, D] -> [B x L, H, D]
+        return states.transpose(1, 2).reshape(batch * length, states.shape[1], dim)
+
+    q, k, v = tokens(query)[layout.query_index], tokens(key)[layout.key_index], tokens(value)[layout.key_index]
     out = varlen_kernel(query.device)(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k, layout.max_seqlen_q,
                                       layout.max_seqlen_k, dropout_p=dropout, softmax_scale=scaling, causal=True)
     full = out.new_zeros(batch * length, heads, dim).index_copy(0, layout.query_index, out)

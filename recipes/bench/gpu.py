@@ -15,8 +15,8 @@ checkpointing, random token ids. Shapes are flash-preference's prefix / response
 untimed step, then the median of `--steps` steps; peak memory is torch.cuda.max_memory_allocated over the timed
 steps. Each packed implementation's rewards are compared with the rows' (bf16, so ~1e-2 apart is rounding).
 The implementations of a shape run in turn on the same weights (the attention implementation is switched with
-set_attn_implementation). Cells past `--time_budget_s` are skipped and marked, so the run fits one short GPU call
-(about 4 minutes on an 80 GB H100 is the design target; it has not been measured yet).
+set_attn_implementation). No cell starts after `--time_budget_s` (420 s; those left are marked skipped), so a run
+fits an 8-minute call on one 80 GB GPU. It has not been run on a GPU yet.
 
     make bench-gpu   # python recipes/bench/gpu.py --output recipes/bench/results/gpu.md
     python recipes/bench/gpu.py --tiny --device cpu --output /tmp/gpu.md   # the same code path, tiny, on CPU
