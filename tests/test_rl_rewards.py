@@ -79,9 +79,11 @@ def test_grpo_run_scores_each_completion_with_its_own_images(tiny_checkpoints, s
     for prompts, completions, kwargs, rewards in reward.calls:
         images = kwargs["images"]
         assert len(images) == len(completions) == 4 and images[0][0].tobytes() != images[2][0].tobytes()  # two prompts
-        again = scorer.score([{"images": im, "prompt": p, "response": c} for im, p, c in zip(images, prompts, completions)])
+        assert any(part.get("image") is not None for part in prompts[0][0]["content"])  # TRL put the image inline too
+        # one image per conversation: the column's, not the inline copy as well
+        again = scorer.score([{"images": im, "prompt": QUESTION, "response": c} for im, c in zip(images, completions)])
         assert rewards == pytest.approx(again, abs=1e-6)
-        first_image = scorer.score([{"images": images[0], "prompt": p, "response": c} for p, c in zip(prompts, completions)])
+        first_image = scorer.score([{"images": images[0], "prompt": QUESTION, "response": c} for c in completions])
         assert rewards[2:] != pytest.approx(first_image[2:], abs=1e-4)  # the second prompt's image reached the model
     assert "rewards/reward_model/mean" in trainer.state.log_history[0]
 
@@ -93,7 +95,7 @@ def test_http_reward_function_scores_trl_rows_with_their_images(server, scorer):
                for im in pictures for _ in range(2)]
     completions = [[{"role": "assistant", "content": text}] for _ in pictures for text in ("A cat.", "Noise.\n")]
     images = [[im] for im in pictures for _ in range(2)]
-    expected = scorer.score([{"images": im, "prompt": p, "response": c} for im, p, c in zip(images, prompts, completions)])
+    expected = scorer.score([{"images": im, "prompt": QUESTION, "response": c} for im, c in zip(images, completions)])
     reward = RewardServerReward(server.url, rows_per_request=4)  # two requests for six rows
     got = reward(prompts=prompts, completions=completions, images=images, trainer_state=None)
     assert got == pytest.approx(expected, abs=1e-5)

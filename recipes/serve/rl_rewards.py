@@ -47,7 +47,9 @@ def marked_content(text: str) -> list[dict]:
 
 class TRLRows:
     """The rows of one TRL reward call: TRL passes `prompts` and `completions` (strings or chat messages) and every
-    other dataset column as a keyword, images as `images` (a list per example) or `image` (one per example)."""
+    other dataset column as a keyword, images as `images` (a list per example) or `image` (one per example). A VLM's
+    prompts also hold those images inline in their image parts: the rows keep the parts as places and take the images
+    from the column, once."""
 
     __name__ = "reward_model"  # TRL names the reward in its logs after the function
 
@@ -61,7 +63,7 @@ class TRLRows:
                 row_images = [image[i]] if image[i] is not None else []
             else:
                 row_images = []
-            rows.append({"images": row_images, "prompt": prompt, "response": completion})
+            rows.append({"images": row_images, "prompt": plain_messages(prompt), "response": plain_messages(completion)})
         return rows
 
 
@@ -99,8 +101,7 @@ class RewardServerReward(TRLRows):
                 urls[id(image)] = image_data_url(image)
             return urls[id(image)]
 
-        rows = [{"prompt": plain_messages(item["prompt"]), "response": plain_messages(item["response"]),
-                 "images": [url(image) for image in item["images"]]}
+        rows = [dict(item, images=[url(image) for image in item["images"]])
                 for item in self.items(prompts, completions, images=images, image=image)]
         rewards = []
         for start in range(0, len(rows), self.rows_per_request):
@@ -110,8 +111,8 @@ class RewardServerReward(TRLRows):
 
 
 def plain_messages(value):
-    """TRL's prompt or completion as JSON: chat messages keep their text; an image part keeps its place but not the
-    image, which travels in the row's `images` (TRL puts the dataset's images into the prompt's image parts)."""
+    """TRL's prompt or completion without inline images: chat messages keep their text; an image part keeps its place
+    but not the image, which comes from the row's `images`."""
     if isinstance(value, str):
         return value
     return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else

@@ -139,8 +139,10 @@ def test_trl_grpo_trains_with_rewards_from_the_server(setup, tiny_checkpoints, t
     assert len(reward.calls) == 2 and trainer.state.global_step == 2
     for prompts, completions, images, rewards in reward.calls:
         assert images[0][0].tobytes() != images[2][0].tobytes()
-        expected = setup["scorer"].score([{"images": im, "prompt": p, "response": c}
-                                          for im, p, c in zip(images, prompts, completions)])
+        assert any(part.get("image") is not None for part in prompts[0][0]["content"])  # TRL put the image inline too
+        # one image per conversation: the column's, not the inline copy as well
+        expected = setup["scorer"].score([{"images": im, "prompt": "What is in the picture?", "response": c}
+                                          for im, c in zip(images, completions)])
         print("TRL max |reward - RewardScorer|:", max(abs(a - b) for a, b in zip(rewards, expected)))
         assert rewards == pytest.approx(expected, abs=TOLERANCE)
     assert "rewards/reward_model/mean" in trainer.state.log_history[0]
