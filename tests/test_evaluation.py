@@ -642,8 +642,9 @@ def test_rewardbench2_rows_are_checked():
         rb2.rewardbench2_pair(dict(row, num_correct=1), 7, "rb2.jsonl")
     with pytest.raises(ValueError, match="total_completions 4"):
         rb2.rewardbench2_pair(dict(row, total_completions=4), 7, "rb2.jsonl")
-    with pytest.raises(ValueError, match="ref:N or tied:N"):
-        rb2.rewardbench2_pair(dict(row, id="3"), 7, "rb2.jsonl")
+    for bad_id in ("3", "tied:x", "tie:3"):
+        with pytest.raises(ValueError, match="ref:N or tied:N"):
+            rb2.rewardbench2_pair(dict(row, id=bad_id), 7, "rb2.jsonl")
     with pytest.raises(ValueError, match="at least one chosen and one rejected"):
         rb2.rewardbench2_pair(dict(row, rejected=[], total_completions=2), 7, "rb2.jsonl")
 

@@ -20,10 +20,12 @@ output_dir/predictions.jsonl; --recompute rebuilds the reports from it without a
 """
 
 import math
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
 
@@ -65,6 +67,14 @@ def best_of_n_credit(scores: list[float]) -> float:
     return 1 / scores.count(top) if scores[0] == top else 0.0
 
 
+class PromptStats(NamedTuple):
+    """`_compute_prompt_stats` of one Ties prompt."""
+
+    accurate: bool  # every correct completion outscores every wrong one
+    spread: float  # best correct - worst correct
+    gap: float  # worst correct - best wrong
+
+
 def ties_score(predictions: list[dict]) -> float | None:
     """`process_single_model` on the Ties predictions, a fraction; None until some N has both ref:N and tied:N."""
     samples = defaultdict(list)  # (ref or tied, N) -> [(is correct, reward), ...]
@@ -79,18 +89,17 @@ def ties_score(predictions: list[dict]) -> float | None:
         if kind != "ref" and len(correct) < 2:
             raise ValueError(f"Ties: {kind}:{number} has {len(correct)} correct completion(s); a tied prompt has "
                              "several")
-        gap = min(correct) - max(wrong)  # worst correct - best wrong
-        spread = max(correct) - min(correct)
-        (ref if kind == "ref" else tied)[number] = (gap > 0, spread, gap)
+        gap = min(correct) - max(wrong)
+        (ref if kind == "ref" else tied)[number] = PromptStats(gap > 0, max(correct) - min(correct), gap)
     both = sorted(set(ref) & set(tied))
     if not both:
         return None
-    hard_gaps = {number: min(ref[number][2], tied[number][2]) for number in both}
-    return (0.30 * _mean([accurate for accurate, _, _ in tied.values()])
-            + 0.30 * _mean([accurate for accurate, _, _ in ref.values()])
-            + 0.20 * _mean([tied[number][2] > tied[number][1] for number in both])
-            + 0.20 * _mean([hard_gaps[number] > tied[number][1] for number in both])
-            + 0.01 * _mean([_tanh_ratio(hard_gaps[number], tied[number][1]) for number in both]))
+    hard_gaps = {number: min(ref[number].gap, tied[number].gap) for number in both}
+    return (0.30 * _mean([stats.accurate for stats in tied.values()])
+            + 0.30 * _mean([stats.accurate for stats in ref.values()])
+            + 0.20 * _mean([tied[number].gap > tied[number].spread for number in both])
+            + 0.20 * _mean([hard_gaps[number] > tied[number].spread for number in both])
+            + 0.01 * _mean([_tanh_ratio(hard_gaps[number], tied[number].spread) for number in both]))
 
 
 def _tanh_ratio(gap: float, spread: float) -> float:
@@ -131,8 +140,8 @@ def rewardbench2_pair(row: dict, index: int, source: str) -> dict:
     if num_correct != len(chosen) or row["total_completions"] != len(chosen) + len(rejected):
         raise ValueError(f"{where}: num_correct {num_correct} and total_completions {row['total_completions']} "
                          f"do not match {len(chosen)} chosen and {len(rejected)} rejected completions")
-    if row["subset"] == TIES and str(row["id"]).split(":")[0] not in ("ref", "tied"):
-        raise ValueError(f"{where}: a Ties id is ref:N or tied:N")
+    if row["subset"] == TIES and not re.fullmatch(r"(ref|tied):\d+", str(row["id"])):
+        raise ValueError(f"{where}: a Ties id is ref:N or tied:N (N a number)")
     return {
         "row": index,
         "id": row["id"],
