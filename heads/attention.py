@@ -14,6 +14,7 @@ prompt and itself, causally. Three implementations compute it, chosen by the mod
                            queries are every real token once (prompt + branch 1 as one sequence, then each later
                            branch alone), keys and values repeat the prompt before each later branch, with separate
                            cu_seqlens_q / cu_seqlens_k and bottom-right causal alignment. Index tensors only: O(L).
+                           On CPU the kernel is a torch reference with flash_attn_varlen_func's signature.
 
 `--attn_implementation flex_attention` loads the language model with `shared_prefix_flex` and
 `flash_attention_2` with `shared_prefix_varlen` (`load_attention`); the vision tower keeps its own kernel (sdpa, or
