@@ -108,7 +108,7 @@ def build_model(setup: dict) -> ValueHeadRewardModel:
     model = ValueHeadRewardModel(base).to(setup["device"]).train()
     apply_freezing(model, RewardModelArguments())
     if setup["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 
