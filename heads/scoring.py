@@ -139,12 +139,18 @@ def _prompt_key(item: dict) -> str:
     """Items with equal keys share the prompt and its images and videos (compared by content, whatever their form);
     a response's own media are not part of it."""
     placed = place_media(item["prompt"], item["response"], item.get("images") or [], item.get("videos") or [])
-    videos = [video.get("frames") or video.get("path") if isinstance(video, dict) else video  # datasets' form
-              for video in placed.videos[:placed.prompt_videos]]
-    videos = [[_image_key(frame) for frame in video] if isinstance(video, (list, tuple)) else _image_key(video)
-              for video in videos]
-    return json.dumps([placed.prompt, [_image_key(image) for image in placed.images[:placed.prompt_images]], videos],
-                      sort_keys=True, default=str)
+    return json.dumps([placed.prompt, [_image_key(image) for image in placed.images[:placed.prompt_images]],
+                       [_video_key(video) for video in placed.videos[:placed.prompt_videos]]], sort_keys=True, default=str)
+
+
+def _video_key(video):
+    if isinstance(video, dict):  # datasets' form
+        video = video.get("frames") or video.get("path")
+    if isinstance(video, tuple) and isinstance(video[0], torch.Tensor):  # loaded already: (frames, fps)
+        return f"loaded:{video[1]}:{tuple(video[0].shape)}:" + hashlib.sha1(video[0].numpy().tobytes()).hexdigest()
+    if isinstance(video, (list, tuple)):
+        return [_image_key(frame) for frame in video]
+    return _image_key(video)
 
 
 def _image_key(image) -> str:

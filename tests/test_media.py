@@ -162,3 +162,97 @@ def test_video_file_is_sampled_at_the_budget_fps(processor, tmp_path):
     # the rate reaches the model: Qwen2.5-VL spaces temporal patches by temporal_patch_size / fps seconds
     batch = ConversationRenderer(reloaded)([{"images": [], "videos": [path], "prompt": "Where?", "response": "right"}])
     assert batch["second_per_grid_ts"].tolist() == [pytest.approx(2 / 4.0)]
+
+
+def png_url(image: Image.Image) -> str:
+    from recipes.serve.rl_rewards import image_data_url
+
+    return image_data_url(image)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoints, tmp_path_factory):
+    """The reward model in process and behind the server (sampled video frames meet the image limits)."""
+    from serving_helpers import ServerThread, write_reward_model
+
+    from recipes.serve.server import ServerArguments, build_app
+
+    path = write_reward_model(tiny_checkpoints("qwen2_5_vl"), tmp_path_factory.mktemp("media_rm"))
+    scorer = RewardScorer.from_pretrained(str(path), device="cpu")
+    args = ServerArguments(model_name_or_path=str(path), max_image_pixels=160 * 160, max_request_pixels=200_000,
+                           max_videos_per_row=1, batch_wait_ms=20)
+    with ServerThread(build_app(scorer, args), args) as running:
+        yield scorer, running.url
+
+
+@torch.no_grad()
+def test_server_and_rl_functions_give_the_scorer_rewards(served, tmp_path):
+    import httpx
+
+    from recipes.serve.rl_rewards import RewardModelReward, RewardServerReward, compute_score, video_data_url
+
+    scorer, url = served
+    video = write_video(tmp_path / "right.mp4", moving_square("right", frames=8))
+    frames = moving_square("left", size=150)  # larger than the video budget: sized once, by it
+    red, blue = picture("red"), picture("blue")
+    items = [  # a video file, a frame list, an image inside each response
+        {"images": [], "videos": [video], "prompt": "Where does the shape move?", "response": "right"},
+        {"images": [], "videos": [video], "prompt": "Where does the shape move?", "response": "left"},
+        {"images": [], "videos": [frames], "prompt": "Where does the shape move?", "response": "left"},
+        {"images": [], "prompt": "Show me a red circle.", "response": answer_with(red, "Here it is.")},
+        {"images": [], "prompt": "Show me a red circle.", "response": answer_with(blue, "Here it is.")},
+    ]
+    expected = torch.tensor(scorer.score(items))
+    assert expected.std() > 1e-3
+
+    def messages(item):  # OpenAI chat: video_url in the user turn, image_url in the assistant's
+        user = [{"type": "video_url", "video_url": {"url": video_data_url(v)}} for v in item.get("videos", [])]
+        assistant = item["response"] if isinstance(item["response"], str) else [
+            {"type": "text", "text": "Here it is."},
+            {"type": "image_url", "image_url": {"url": png_url(item["response"][0]["content"][1]["image"])}}]
+        return [{"role": "user", "content": user + [{"type": "text", "text": item["prompt"]}]},
+                {"role": "assistant", "content": assistant}]
+
+    answer = httpx.post(f"{url}/score", json={"rows": [{"messages": messages(item)} for item in items]}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    torch.testing.assert_close(torch.tensor(answer.json()["rewards"]), expected, **TOLERANCE)
+
+    # TRL reward functions: the dataset's `videos` column, completions holding their own images
+    prompts = [item["prompt"] for item in items]
+    completions = [item["response"] for item in items]
+    videos = [item.get("videos", []) for item in items]
+    for reward in (RewardModelReward(scorer=scorer), RewardServerReward(url)):
+        torch.testing.assert_close(torch.tensor(reward(prompts, completions, videos=videos)), expected, **TOLERANCE)
+    # verl: `<video>` marks the video's place; extra_info carries it
+    rewards = compute_score(solution_strs=["right", "left"], data_sources=["x"] * 2, ground_truths=[None] * 2,
+                            extra_infos=[{"question": "<video>Where does the shape move?", "videos": [video]}] * 2,
+                            reward_url=url)
+    torch.testing.assert_close(torch.tensor(rewards), expected[:2], **TOLERANCE)
+
+
+def test_server_video_limits(served, tmp_path):
+    import httpx
+
+    from recipes.serve.rl_rewards import video_data_url
+
+    _, url = served
+    big = write_video(tmp_path / "big.mp4", moving_square("left", 4, size=168))
+    long = write_video(tmp_path / "long.mp4", moving_square("left", 40, size=112), fps=4)  # 20 frames at 2 fps
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
+
+    def post(videos, **row):
+        row = {"prompt": "Where?", "response": "left", "videos": videos, **row}
+        return httpx.post(f"{url}/score", json={"rows": [row]}, timeout=60)
+
+    cases = [
+        (post([video_data_url(big)]), 422, "168x168 pixels exceed the limit of 25600"),
+        (post([video_data_url(long)]), 413, "20 sampled frames exceed the request's budget"),
+        (post([video_data_url(tmp_path / "broken.mp4")]), 422, "cannot be decoded"),
+        (post([png_url(picture("red"))] * 2), 422, "2 videos exceed the limit of 1 per row"),
+        (post([[png_url(Image.new("RGB", (200, 150)))] * 2]), 422, "more than 25600 pixels"),
+        (post(["http://example.com/a.mp4"]), 422, "remote video URLs are not fetched"),
+    ]
+    for answer, status, message in cases:
+        assert answer.status_code == status, answer.text
+        assert any(part in answer.json()["error"]["message"] for part in message.split("|")), answer.text
+    assert post([video_data_url(moving_square("left"))]).status_code == 200

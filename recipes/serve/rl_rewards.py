@@ -1,7 +1,8 @@
-"""Reward functions that put the reward model in an RL loop, images included.
+"""Reward functions that put the reward model in an RL loop, images and videos included.
 
-TRL (`GRPOTrainer(reward_funcs=...)`; the dataset's `image` / `images` column reaches the function), in-process or
-over HTTP to recipes/serve/server.py, which keeps the reward model off the policy's GPUs:
+TRL (`GRPOTrainer(reward_funcs=...)`; the dataset's `image` / `images` and `video` / `videos` columns reach the
+function; a completion may hold image and video parts of its own), in-process or over HTTP to
+recipes/serve/server.py, which keeps the reward model off the policy's GPUs:
 
     from recipes.serve.rl_rewards import RewardModelReward, RewardServerReward
     trainer = GRPOTrainer(model=policy, reward_funcs=RewardModelReward("outputs/demo/stage2"), train_dataset=dataset, ...)
@@ -15,12 +16,14 @@ verl, through HTTP to recipes/serve/server.py (or to vLLM serving the export of 
 
 verl calls `compute_score(data_source, solution_str, ground_truth, extra_info)` per sample, or with
 `reward_manager.name=batch` `compute_score(data_sources, solution_strs, ground_truths, extra_infos)`; the prompt is
-read from `extra_info["question"]` (or `"prompt"`) and the images from `extra_info["images"]`, which the data
-preparation puts there. `<image>` in the prompt marks each image's place, as in verl's datasets.
+read from `extra_info["question"]` (or `"prompt"`), the images from `extra_info["images"]` and the videos (files or
+frame lists) from `extra_info["videos"]`, which the data preparation puts there. `<image>` / `<video>` in the prompt
+mark each one's place, as in verl's datasets.
 """
 
 import base64
 import io
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,42 +32,53 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 import httpx
 
-from collators.conversation import IMAGE_PART, open_image, text_part
+from collators.conversation import IMAGE_PART, VIDEO_PART, open_image, part_kind, text_part
 
 IMAGE_MARKER = "<image>"  # where an image goes in an RL dataset's prompt text (verl's and OpenRLHF's datasets)
+VIDEO_MARKER = "<video>"
+MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 
 
 def marked_content(text: str) -> list[dict]:
-    """Text with `<image>` markers -> content parts, each marker an image placeholder in its place."""
+    """Text with `<image>` / `<video>` markers -> content parts, each marker a placeholder in its place."""
     parts = []
-    for i, piece in enumerate(text.split(IMAGE_MARKER)):
-        if i:
-            parts.append(IMAGE_PART)
-        if piece:
+    for piece in MARKERS.split(text):
+        if piece in (IMAGE_MARKER, VIDEO_MARKER):
+            parts.append(IMAGE_PART if piece == IMAGE_MARKER else VIDEO_PART)
+        elif piece:
             parts.append(text_part(piece))
     return parts
 
 
+def bare_media(value):
+    """A prompt whose image and video parts are bare placeholders: TRL copies the dataset's images into the prompt's
+    parts, and the same images reach the function as the `images` column, which fills the placeholders."""
+    if isinstance(value, str):
+        return value
+    return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+             [{"type": part_kind(part)} if part_kind(part) != "text" else part for part in m["content"]]}
+            for m in value]
+
+
 class TRLRows:
     """The rows of one TRL reward call: TRL passes `prompts` and `completions` (strings or chat messages) and every
-    other dataset column as a keyword, images as `images` (a list per example) or `image` (one per example). A VLM's
-    prompts also hold those images inline in their image parts: the rows keep the parts as places and take the images
-    from the column, once."""
+    other dataset column as a keyword, images as `images` (a list per example) or `image` (one per example), videos as
+    `videos` / `video`. A VLM's prompts also hold those images inline in their image parts: the rows keep the parts as
+    places and take the images from the column, once; a completion's own images and videos stay in its parts."""
 
     __name__ = "reward_model"  # TRL names the reward in its logs after the function
 
     @staticmethod
-    def items(prompts, completions, images=None, image=None) -> list[dict]:
-        rows = []
-        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-            if images is not None:
-                row_images = list(images[i] or [])
-            elif image is not None:
-                row_images = [image[i]] if image[i] is not None else []
-            else:
-                row_images = []
-            rows.append({"images": row_images, "prompt": plain_messages(prompt), "response": plain_messages(completion)})
-        return rows
+    def items(prompts, completions, images=None, image=None, videos=None, video=None) -> list[dict]:
+        """One item per completion: the prompt's images and videos from the dataset's columns, a completion's own
+        media inline in its parts."""
+        def column(many, one, i) -> list:
+            if many is not None:
+                return list(many[i] or [])
+            return [one[i]] if one is not None and one[i] is not None else []
+
+        return [{"images": column(images, image, i), "videos": column(videos, video, i), "prompt": bare_media(prompt),
+                 "response": completion} for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True))]
 
 
 class RewardModelReward(TRLRows):
@@ -77,8 +91,8 @@ class RewardModelReward(TRLRows):
             scorer = RewardScorer.from_pretrained(model_name_or_path, **scorer_kwargs)
         self.scorer = scorer
 
-    def __call__(self, prompts, completions, images=None, image=None, **kwargs) -> list[float]:
-        return self.scorer.score(self.items(prompts, completions, images=images, image=image))
+    def __call__(self, prompts, completions, images=None, image=None, videos=None, video=None, **kwargs) -> list[float]:
+        return self.scorer.score(self.items(prompts, completions, images, image, videos, video))
 
 
 class RewardServerReward(TRLRows):
@@ -93,16 +107,18 @@ class RewardServerReward(TRLRows):
         self.client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
         self.retries, self.rows_per_request = retries, rows_per_request
 
-    def __call__(self, prompts, completions, images=None, image=None, **kwargs) -> list[float]:
-        urls = {}  # id -> data URL: the generations of a prompt share its image objects, each is encoded once
+    def __call__(self, prompts, completions, images=None, image=None, videos=None, video=None, **kwargs) -> list[float]:
+        urls = {}  # id -> data URL: the generations of a prompt share its image and video objects, each encoded once
 
-        def url(image) -> str:
-            if id(image) not in urls:
-                urls[id(image)] = image_data_url(image)
-            return urls[id(image)]
+        def url(kind: str, medium):
+            if id(medium) not in urls:
+                urls[id(medium)] = image_data_url(medium) if kind == "image" else video_data_url(medium)
+            return urls[id(medium)]
 
-        rows = [dict(item, images=[url(image) for image in item["images"]])
-                for item in self.items(prompts, completions, images=images, image=image)]
+        rows = [{"prompt": plain_messages(item["prompt"], url), "response": plain_messages(item["response"], url),
+                 "images": [url("image", image) for image in item["images"]],
+                 "videos": [url("video", video) for video in item["videos"]]}
+                for item in self.items(prompts, completions, images, image, videos, video)]
         rewards = []
         for start in range(0, len(rows), self.rows_per_request):
             answer = post_with_retries(self.client, "/score", {"rows": rows[start:start + self.rows_per_request]}, self.retries)
@@ -110,14 +126,22 @@ class RewardServerReward(TRLRows):
         return rewards
 
 
-def plain_messages(value):
-    """TRL's prompt or completion without inline images: chat messages keep their text; an image part keeps its place
-    but not the image, which comes from the row's `images`."""
+def plain_messages(value, url):
+    """TRL's prompt or completion as JSON: chat messages keep their text; an image or video part that holds its
+    medium (a completion's own) sends it as a data URL (`url(kind, medium)`) in its place, a bare one keeps its place."""
     if isinstance(value, str):
         return value
+
+    def part_json(part: dict) -> dict:
+        kind = part_kind(part)
+        if kind == "text":
+            return {"type": "text", "text": part.get("text") or ""}
+        if part.get(kind) is None:
+            return {"type": kind}
+        return {"type": f"{kind}_url", f"{kind}_url": {"url": url(kind, part[kind])}}
+
     return [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-             [{"type": "image"} if part.get("type") == "image" else {"type": "text", "text": part.get("text") or ""}
-              for part in m["content"]]} for m in value]
+             [part_json(part) for part in m["content"]]} for m in value]
 
 
 RETRY_STATUS = (429, 502, 503, 504)  # a busy or restarting server: the same request may pass later
@@ -155,23 +179,43 @@ def image_data_url(image, min_pixels: int | None = None, max_pixels: int | None 
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def image_url_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
+VIDEO_TYPES = {".mp4": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo",
+               ".mov": "video/quicktime"}
 
 
-def chat(prompt: str, response: str, image_urls: list[str]) -> list[dict]:
-    """OpenAI-style messages. `<image>` markers in the prompt take the images in order (their count must match);
-    a prompt without markers gets its images first in the user turn (Qwen's order, as the scorer renders them)."""
-    markers = prompt.count(IMAGE_MARKER)
-    if markers and markers != len(image_urls):
-        raise ValueError(f"the prompt has {markers} {IMAGE_MARKER} markers but {len(image_urls)} images: give one "
-                         f"image per marker in extra_info['images']")
-    if markers:
-        urls = iter(image_urls)
-        content = [image_url_part(next(urls)) if part["type"] == "image" else part for part in marked_content(prompt)]
-    else:
-        content = [image_url_part(url) for url in image_urls] + [text_part(prompt)]
+def video_data_url(video):
+    """A video as the server takes it: a video file as a data URL of its bytes, a list of frames as a list of PNG
+    data URLs."""
+    if isinstance(video, (list, tuple)):
+        return [image_data_url(frame) for frame in video]
+    path = Path(video)
+    if path.suffix.lower() not in VIDEO_TYPES:
+        raise ValueError(f"{video}: a video file is one of {sorted(VIDEO_TYPES)}, or give a list of frames")
+    return f"data:{VIDEO_TYPES[path.suffix.lower()]};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def chat(prompt: str, response: str, image_urls: list[str], video_urls: list = ()) -> list[dict]:
+    """OpenAI-style messages. `<image>` / `<video>` markers in the prompt take the images / videos in order (their
+    count must match); those of a kind without markers go first in the user turn (Qwen's order, as the scorer renders
+    them), images before videos."""
+    media = {"image": (IMAGE_MARKER, list(image_urls)), "video": (VIDEO_MARKER, list(video_urls))}
+    front, marked = [], {}
+    for kind, (marker, urls) in media.items():
+        markers = prompt.count(marker)
+        if markers and markers != len(urls):
+            raise ValueError(f"the prompt has {markers} {marker} markers but {len(urls)} {kind}s: give one "
+                             f"{kind} per marker in extra_info['{kind}s']")
+        if markers:
+            marked[kind] = iter(urls)
+        else:
+            front += [media_url_part(kind, url) for url in urls]
+    content = front + [media_url_part(part["type"], next(marked[part["type"]])) if part["type"] != "text" else part
+                       for part in marked_content(prompt)]
     return [{"role": "user", "content": content}, {"role": "assistant", "content": response}]
+
+
+def media_url_part(kind: str, url) -> dict:
+    return {"type": f"{kind}_url", f"{kind}_url": {"url": url}}
 
 
 _clients: dict[str, httpx.Client] = {}
@@ -211,8 +255,9 @@ def compute_score(data_source=None, solution_str: str | None = None, ground_trut
         if not isinstance(prompt, str):
             raise KeyError(f"compute_score, {where}: needs the prompt text in extra_info['question'] (or extra_info['prompt'])")
         urls = [image_data_url(image, min_pixels, max_pixels, image_patch_size) for image in info.get("images") or []]
+        videos = [video_data_url(video) for video in info.get("videos") or []]
         try:
-            conversations.append(chat(prompt, response, urls))
+            conversations.append(chat(prompt, response, urls, videos))
         except ValueError as error:
             raise ValueError(f"compute_score, {where}: {error}") from None
     client = _client(reward_url, api_key, timeout)

@@ -11,11 +11,16 @@ Endpoints (JSON in, JSON out; errors are 4xx `{"error": {"message", "row", "fiel
                     response, so a query gets the reward /score gives the same conversation. Images: an "images" list
                     per query, or, for OpenRLHF's own trainer (which never sends images), the server started with
                     --prompt_images FILE (OpenRLHF's prompt dataset) finds each query's images by its prompt's turns.
-  POST /score       {"rows": [...]}: rows in the preference schema ({"images", "prompt", "response"}) or OpenAI chat
-                    ({"messages": [..., {"role": "assistant", ...}]}, images as `image_url` parts) -> {"rewards": [...]}.
+  POST /score       {"rows": [...]}: rows in the preference schema ({"images", "videos", "prompt", "response"}) or OpenAI
+                    chat ({"messages": [..., {"role": "assistant", ...}]}) -> {"rewards": [...]}. Any turn, the
+                    assistant's included, may hold `image_url` and `video_url` parts (or qwen-vl-utils' `image` /
+                    `video` parts, a video as a file or a list of frames); bare placeholders take the row's `images` /
+                    `videos` in order.
   GET  /health, GET /metrics (Prometheus, through prometheus_client).
-Images are data URLs (`data:image/png;base64,...`); file paths only under --allowed_image_root (none by default);
-remote URLs are never fetched.
+Images and videos are data URLs (`data:image/png;base64,...`, `data:video/mp4;base64,...`); file paths only under
+--allowed_image_root (none by default); remote URLs are never fetched. A video is sampled by the checkpoint's video
+budget, and each sampled frame meets the limits of an image: its size (from the header, before decoding) and the
+request's pixel budget; its tokens count toward the row's.
 
 Concurrent requests are batched (up to --max_batch_rows rows / --max_batch_tokens tokens, waiting at most
 --batch_wait_ms for more) and each batch goes to `RewardScorer.score` whole, which scores rows sharing a prompt and
@@ -63,7 +68,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from collators import PixelBudgetArguments
-from collators.conversation import count_image_parts, to_messages
+from collators.conversation import count_image_parts, place_media, read_video, to_messages
 from heads import RewardScorer
 from recipes.serve.rl_rewards import marked_content
 
@@ -77,14 +82,15 @@ class ServerArguments:
     host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind; 0.0.0.0 exposes the server."})
     port: int = field(default=8000)
     api_key: str | None = field(default=None, metadata={"help": "If set, requests need `Authorization: Bearer KEY`."})
-    allowed_image_root: str | None = field(
-        default=None, metadata={"help": "Directory whose files requests may name as images; paths are refused without it."})
+    allowed_image_root: str | None = field(default=None, metadata={
+        "help": "Directory whose files requests may name as images or videos; paths are refused without it."})
     max_body_bytes: int = field(default=64 * 2**20, metadata={"help": "Largest request body (413 beyond)."})
     max_body_values: int = field(default=2**20, metadata={
         "help": "`,` and `:` bytes in a body, a bound on its JSON values (413 beyond): parsing holds Python's GIL, so "
                 "this bounds how long a body can stall the server (about 0.2 s at the default)."})
     max_rows_per_request: int = field(default=1024)
     max_images_per_row: int = field(default=8)
+    max_videos_per_row: int = field(default=2)
     max_image_pixels: int = field(
         default=4096 * 4096, metadata={"help": "Largest image (width x height), checked before it is decoded (422)."})
     max_request_pixels: int = field(
@@ -211,11 +217,72 @@ class ImageDecoder:
         return file
 
 
-def chat_messages(messages, row: int, field: str) -> tuple[list[dict], list]:
-    """OpenAI-style chat messages -> (canonical messages with image placeholders, image references in order)."""
+class VideoDecoder:
+    """Videos as data URLs, paths (under the allowed root) or lists of frames; every sampled frame meets the limits of an
+    image before it is decoded, and the frames are sized by the model's video budget (`renderer`)."""
+
+    def __init__(self, images: ImageDecoder, renderer):
+        self.images, self.renderer = images, renderer
+        # frames are sized once, by the video budget, as the scorer sizes a video's frames
+        self.frames = ImageDecoder(None, images.max_pixels, lambda image: image)
+        self.frames.allowed_root = images.allowed_root
+
+    def __call__(self, reference, row: int, field: str, pixels_left: int) -> tuple[tuple, int]:
+        """((frames sized for the model, fps), the pixels its sampled frames had), or a RowError."""
+        budget = self.renderer.video_budget
+        if isinstance(reference, list):
+            if not reference:
+                raise RowError(422, "a video's frame list is empty", row, field)
+            if len(reference) > budget["max_frames"]:
+                raise RowError(422, f"{len(reference)} frames exceed the model's video budget of {budget['max_frames']}",
+                               row, field)
+            frames, pixels = [], 0
+            for number, frame in enumerate(reference):
+                image, used = self.frames(frame, row, f"{field}[{number}]", pixels_left - pixels)
+                frames.append(image)
+                pixels += used
+            return self._sized(frames, budget["fps"], row, field), pixels
+        if not isinstance(reference, str):
+            raise RowError(422, f"a video is a data URL, a path or a list of frames, got {type(reference).__name__}",
+                           row, field)
+        if reference.startswith(("http://", "https://")):
+            raise RowError(422, "remote video URLs are not fetched; send the video as a data URL", row, field)
+        source = (ImageDecoder._data(reference, row, field) if reference.startswith("data:")
+                  else self.images._file(reference, row, field))
+        pixels = 0
+
+        def within_limits(width: int, height: int, count: int):
+            nonlocal pixels
+            if width * height > self.images.max_pixels:
+                raise RowError(422, f"video frames of {width}x{height} pixels exceed the limit of "
+                                    f"{self.images.max_pixels} (--max_image_pixels)", row, field)
+            pixels = width * height * count
+            if pixels > pixels_left:
+                raise RowError(413, f"the video's {count} sampled frames exceed the request's budget of pixels "
+                                    "(--max_request_pixels)", row, field)
+
+        with source:
+            try:
+                frames, fps = read_video(source, budget["fps"], budget["min_frames"], budget["max_frames"], within_limits)
+            except RowError:
+                raise
+            except Exception as error:  # PyAV and qwen-vl-utils raise many types for corrupt or unusable data
+                raise RowError(422, f"the video cannot be decoded or sampled ({type(error).__name__})", row, field) from None
+        return self._sized(frames, fps, row, field), pixels
+
+    def _sized(self, frames: list, fps: float, row: int, field: str) -> tuple:
+        try:
+            return self.renderer.load_frames(frames, fps)
+        except ValueError as error:  # e.g. an aspect ratio the model's resizing refuses
+            raise RowError(422, f"the video cannot be resized for the model ({error})", row, field) from None
+
+
+def chat_messages(messages, row: int, field: str) -> list[dict]:
+    """OpenAI-style chat messages -> canonical messages whose image and video parts hold their references inline
+    (`{"type": "image", "image": ref}`, `{"type": "video", "video": ref}`; bare when the part names none)."""
     if not isinstance(messages, list) or not messages:
         raise RowError(422, "expected a non-empty list of chat messages", row, field)
-    converted, images = [], []
+    converted = []
     for m, message in enumerate(messages):
         where = f"{field}[{m}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
@@ -231,46 +298,46 @@ def chat_messages(messages, row: int, field: str) -> tuple[list[dict], list]:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                url = part.get("image_url")
-                images.append(url.get("url") if isinstance(url, dict) else url)
-                parts.append({"type": "image"})
-            elif kind == "image":
-                if part.get("image") is not None:
-                    images.append(part["image"])
-                parts.append({"type": "image"})
+            elif kind in ("image_url", "video_url"):
+                url = part.get(kind)
+                parts.append({"type": kind.removesuffix("_url"), kind.removesuffix("_url"):
+                              url.get("url") if isinstance(url, dict) else url})
+            elif kind in ("image", "video"):
+                parts.append({"type": kind, kind: part[kind]} if part.get(kind) is not None else {"type": kind})
             else:
-                raise RowError(422, "a part is {type: text, text} or {type: image_url, image_url: {url}}", row,
-                               f"{where}.content[{p}]")
+                raise RowError(422, "a part is {type: text, text}, {type: image_url, image_url: {url}} or "
+                                    "{type: video_url, video_url: {url}}", row, f"{where}.content[{p}]")
         converted.append({"role": message["role"], "content": parts})
-    return converted, images
+    return converted
 
 
-def score_row(row, index: int) -> tuple[dict, list]:
-    """A /score row -> (item without images, image references)."""
+def score_row(row, index: int) -> tuple[dict, list, list]:
+    """A /score row -> (item whose media parts hold references, the row's image references, its video references)."""
     if not isinstance(row, dict):
         raise RowError(422, "a row is an object", index, "rows")
     if "messages" in row:
-        messages, images = chat_messages(row["messages"], index, "messages")
+        messages = chat_messages(row["messages"], index, "messages")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise RowError(422, "the last message is the assistant's response, after at least one prompt message", index, "messages")
-        return {"prompt": messages[:-1], "response": messages[-1:]}, images
-    item = {}
-    for key in ("prompt", "response"):
-        if key not in row:
-            raise RowError(422, f"missing `{key}` (or give `messages`)", index, key)
-        value = row[key]
-        if isinstance(value, list):
-            value, extra = chat_messages(value, index, key)
-            if extra:
-                raise RowError(422, "images go in the row's `images` list", index, key)
-        elif not isinstance(value, str):
-            raise RowError(422, f"`{key}` is a string or chat messages, got {type(value).__name__}", index, key)
-        item[key] = value
-    images = row.get("images", [])
-    if not isinstance(images, list):
-        raise RowError(422, "`images` is a list", index, "images")
-    return item, images
+        item = {"prompt": messages[:-1], "response": messages[-1:]}
+    else:
+        item = {}
+        for key in ("prompt", "response"):
+            if key not in row:
+                raise RowError(422, f"missing `{key}` (or give `messages`)", index, key)
+            value = row[key]
+            if isinstance(value, list):
+                value = chat_messages(value, index, key)
+            elif not isinstance(value, str):
+                raise RowError(422, f"`{key}` is a string or chat messages, got {type(value).__name__}", index, key)
+            item[key] = value
+    media = []
+    for key in ("images", "videos"):
+        value = row.get(key, [])
+        if not isinstance(value, list):
+            raise RowError(422, f"`{key}` is a list", index, key)
+        media.append(value)
+    return item, *media
 
 
 CHATML_TURN = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>\s*|$)", re.DOTALL)
@@ -449,6 +516,7 @@ class ParsedRow(NamedTuple):
     text_field: str | None  # the field named when its text is refused (None: `prompt` or `response`)
     image_field: str = "images"
     decoder: "ImageDecoder | None" = None  # None: the request's own (paths only under --allowed_image_root)
+    videos: list = []  # references: data URLs, paths or frame lists
 
 
 # ---------------------------------------------------------------- batching and metrics
@@ -659,6 +727,9 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
     prompt_images = PromptImages(args.prompt_images, args.prompt_input_key, args.prompt_image_key) if args.prompt_images else None
     # the operator's own file: its paths were checked at start and are not confined to --allowed_image_root
     decode_prompt_image = ImageDecoder("/", args.max_image_pixels, renderer.load_image)
+    decode_video = VideoDecoder(decode, renderer)
+    accepts_videos = renderer.video_processor is not None
+    temporal_patch = getattr(renderer.video_processor, "temporal_patch_size", 2)
     # A fast tokenizer is not safe to share between threads: the scorer's thread has its own, validation this copy,
     # in one thread of its own.
     tokenizer = copy.deepcopy(renderer.tokenizer)
@@ -732,22 +803,29 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
         return prepared
 
     def prepare(row: ParsedRow, pixels_left: int) -> tuple[dict, int, int]:
-        item, image_refs, index, text_field, image_field = row.item, row.images, row.index, row.text_field, row.image_field
-        if not isinstance(image_refs, list):
+        item, index, text_field, image_field = row.item, row.index, row.text_field, row.image_field
+        if not isinstance(row.images, list):
             raise RowError(422, "images are a list", index, image_field)
+        try:  # every image and video in the order of its place (inline in a part, or the row's lists)
+            placed = place_media(item["prompt"], item["response"], row.images, row.videos)
+        except ValueError as error:
+            hint = "" if row.images or prompt_images else " (OpenRLHF sends none: start the server with --prompt_images)"
+            raise RowError(422, f"{error}{hint}", index, image_field) from None
+        image_refs, video_refs = placed.images, placed.videos
         if image_refs and not accepts_images:
             raise RowError(422, "this reward model is text-only and cannot score images", index, image_field)
+        if video_refs and not accepts_videos:
+            raise RowError(422, "this reward model cannot score videos", index, "videos")
         if len(image_refs) > args.max_images_per_row:
             raise RowError(422, f"{len(image_refs)} images exceed the limit of {args.max_images_per_row} per row", index, image_field)
+        if len(video_refs) > args.max_videos_per_row:
+            raise RowError(422, f"{len(video_refs)} videos exceed the limit of {args.max_videos_per_row} per row", index, "videos")
         check_texts(item, index, text_field, forbidden)
+        item = {"prompt": placed.prompt, "response": placed.response}
         try:
-            text = renderer.render_text(item["prompt"], item["response"], len(image_refs))
+            text, _ = renderer.render(dict(item, images=image_refs, videos=video_refs))
         except Exception as error:
             raise RowError(422, f"the conversation cannot be rendered ({type(error).__name__})", index, text_field or "prompt") from None
-        placeholders = sum(count_image_parts(to_messages(item[key], "user")) for key in ("prompt", "response"))
-        if placeholders > len(image_refs):
-            hint = "" if image_refs or prompt_images else " (OpenRLHF sends none: start the server with --prompt_images)"
-            raise RowError(422, f"{placeholders} image placeholders but {len(image_refs)} images{hint}", index, image_field)
         too_long = f"tokens, past the limit of {max_tokens} per row (--max_row_tokens)"
         tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokens > max_tokens:  # before any image is decoded
@@ -759,9 +837,16 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
             pixels += used
             # The text holds one placeholder token per image, which the processor expands to the image's tokens.
             tokens += min(image.width * image.height, renderer.max_pixels or 16384 * pixels_per_token) // pixels_per_token - 1
+        videos = []
+        for i, reference in enumerate(video_refs):
+            video, used = decode_video(reference, index, f"videos[{i}]", pixels_left - pixels)
+            videos.append(video)
+            pixels += used
+            frames, _ = video  # [T, C, H, W], sized: a temporal patch of frames is one grid step
+            tokens += -(-frames.shape[0] // temporal_patch) * frames.shape[2] * frames.shape[3] // pixels_per_token - 1
         if tokens > max_tokens:
             raise RowError(413, f"the row has {tokens} {too_long}", index, image_field)
-        return dict(item, images=images), tokens, pixels
+        return dict(item, images=images, videos=videos), tokens, pixels
 
     async def validate_and_score(body: bytes, parse) -> tuple[int, list[float]]:
         rows = await validation.run(parse_body, body, parse)  # off the event loop: a big body blocks no one
@@ -828,8 +913,8 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
     def parse_score(payload: dict) -> list[ParsedRow]:
         parsed = []
         for index, row in enumerate(rows_of(payload, "rows")):
-            item, refs = score_row(row, index)
-            parsed.append(ParsedRow(item, refs, index, "messages" if "messages" in row else None))
+            item, images, videos = score_row(row, index)
+            parsed.append(ParsedRow(item, images, index, "messages" if "messages" in row else None, videos=videos))
         return parsed
 
     def parse_get_reward(payload: dict) -> list[ParsedRow]:
