@@ -2,8 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/sharded_worker.py MODEL_DIR OUT.jsonl [--backend fsdp2|zero3] [--no_vision_sync]
 
-Rank 0 trains on image pairs, rank 1 on text-only pairs, in the plain two-row layout at even steps and the packed
-layout at odd ones. Under FSDP2 the decoder layers, the vision tower and the whole model are each sharded with
+Rank 0 trains on image pairs at the first two steps and video pairs at the last two, rank 1 on text-only pairs, in
+the plain two-row layout at even steps and the packed layout at odd ones. Under FSDP2 the decoder layers, the vision tower and the whole model are each sharded with
 `fully_shard`; under DeepSpeed ZeRO-3 every module is. Each gathers its parameters with a collective in the forward.
 Rank 0 appends one JSON line per finished step (the loss averaged over both ranks) to OUT.jsonl.
 """
@@ -31,7 +31,11 @@ COLOURS = ["red", "green", "blue", "yellow"]
 
 
 def rank_batch(rank: int, step: int) -> list[dict]:
-    """Two pairs: with an image on rank 0, text only on rank 1."""
+    """Two pairs: with an image (or a video, from step 2 on) on rank 0, text only on rank 1."""
+    if rank == 0 and step >= 2:  # a shape moving one way: the vision tower runs on video frames only
+        frames = [[Image.new("RGB", (56, 56), COLOURS[(step + t) % 4]) for t in range(4)] for _ in range(2)]
+        return [{"images": [], "videos": [video], "prompt": "Which colour comes first?", "chosen": COLOURS[step % 4],
+                 "rejected": COLOURS[(step + 1) % 4], "margin": None} for video in (frames[0], frames[1][::-1])]
     if rank == 0:
         colours = [COLOURS[(step + i) % 4] for i in range(2)]
         return [{"images": [Image.new("RGB", (56, 56), c)], "prompt": "What colour?", "chosen": c,

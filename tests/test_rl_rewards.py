@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer  # noqa: E402
-from recipes.serve.rl_rewards import RewardModelReward, RewardServerReward, compute_score, image_data_url  # noqa: E402
+from recipes.serve.rl_rewards import (  # noqa: E402
+    RewardModelReward, RewardServerReward, compute_score, image_data_url,
+)
 from recipes.serve.server import ServerArguments, build_app  # noqa: E402
 
 QUESTION = "What is in the picture?"

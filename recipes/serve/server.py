@@ -821,7 +821,8 @@ def build_app(scorer: RewardScorer, args: ServerArguments) -> FastAPI:
         if len(video_refs) > args.max_videos_per_row:
             raise RowError(422, f"{len(video_refs)} videos exceed the limit of {args.max_videos_per_row} per row", index, "videos")
         check_texts(item, index, text_field, forbidden)
-        item = {"prompt": placed.prompt, "response": placed.response}
+        if len(image_refs) + len(video_refs) > len(row.images) + len(row.videos):  # media inline: placed, bare
+            item = {"prompt": placed.prompt, "response": placed.response}
         try:
             text, _ = renderer.render(dict(item, images=image_refs, videos=video_refs))
         except Exception as error:
