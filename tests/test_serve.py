@@ -465,7 +465,7 @@ def http(port: int, data: bytes = b"", wait: float = 10) -> bytes:
 
 
 def test_slow_idle_and_oversized_clients_are_cut_off(scorer, vl_model):
-    args = ServerArguments(model_name_or_path=str(vl_model), header_timeout_s=1, body_timeout_s=1, limit_concurrency=8,
+    args = ServerArguments(model_name_or_path=str(vl_model), header_timeout_s=1, body_timeout_s=2, limit_concurrency=8,
                            max_body_bytes=2**20, timeout_keep_alive=30)
     with ServerThread(build_app(scorer, args), args) as running:
         port = running.port
@@ -474,6 +474,16 @@ def test_slow_idle_and_oversized_clients_are_cut_off(scorer, vl_model):
         # The same deadline after a first response on a kept-alive connection:
         answer = http(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nPOST /score HTTP/1.1\r\nHost: x\r\n")
         assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+        # ... counted from that response, when the connection was busy as the first deadline passed:
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{")
+            time.sleep(1.5)  # past the header deadline, in the middle of the body
+            connection.sendall(b"}POST /score HTTP/1.1\r\nHost: x\r\n")
+            connection.settimeout(10)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 422") and answer.count(b"HTTP/1.1") == 1
         # A body that trickles in: 408 once the body deadline passes.
         trickle = http(port, b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"rows\"")
         assert trickle.startswith(b"HTTP/1.1 408"), trickle
@@ -491,9 +501,19 @@ def test_slow_idle_and_oversized_clients_are_cut_off(scorer, vl_model):
                 connection.close()
 
 
+SWAP = """
+import os, sys
+root = sys.argv[1]
+while True:  # swap.png: a link to inside.png, then to link.png (outside the root), and so on, as fast as possible
+    for source in ("link.png", "inside.png"):
+        os.symlink(source, os.path.join(root, "next.png"))
+        os.replace(os.path.join(root, "next.png"), os.path.join(root, "swap.png"))
+"""
+
+
 def test_a_symlink_swapped_in_under_the_root_never_reads_outside(scorer, vl_model, tmp_path):
-    """A file under the root is swapped, over and over, with a symlink to a file outside: every answer is the inside
-    image's score or a 422, never the outside image's."""
+    """Another process swaps a file under the root, over and over, with a symlink to a file outside: every answer is
+    the inside image's score or a 422, never the outside image's (the file checked is the file opened)."""
     root, outside = tmp_path / "root", tmp_path / "outside.png"
     root.mkdir()
     image("red").save(root / "inside.png")
@@ -504,23 +524,13 @@ def test_a_symlink_swapped_in_under_the_root_never_reads_outside(scorer, vl_mode
     inside_score, outside_score = scorer.score([dict(row, images=[image("red")]), dict(row, images=[image("blue")])])
     assert abs(inside_score - outside_score) > 1e-3
     args = ServerArguments(model_name_or_path=str(vl_model), allowed_image_root=str(root), batch_wait_ms=1)
-    stop = threading.Event()
-
-    def swap():
-        while not stop.is_set():
-            for source in ("link.png", "inside.png"):
-                (root / "next.png").unlink(missing_ok=True)
-                (root / "next.png").symlink_to(root / source)
-                os.replace(root / "next.png", root / "swap.png")
-
     with ServerThread(build_app(scorer, args), args) as running, httpx.Client(base_url=running.url, timeout=60) as client:
-        swapper = threading.Thread(target=swap)
-        swapper.start()
+        swapper = subprocess.Popen([sys.executable, "-c", SWAP, str(root)])
         try:
             answers = [client.post("/score", json={"rows": [dict(row, images=["swap.png"])] * 8}) for _ in range(40)]
         finally:
-            stop.set()
-            swapper.join()
+            swapper.kill()
+            swapper.wait()
     scores = [r for answer in answers if answer.status_code == 200 for r in answer.json()["rewards"]]
     refused = sum(answer.status_code == 422 for answer in answers)
     assert scores and refused and refused + len(scores) // 8 == len(answers)
@@ -550,13 +560,15 @@ def test_stress_good_clients_get_their_scores_amid_garbage_bombs_and_giant_rows(
     a body of 4 M values, a PNG bomb, an ICO whose header lies, giant rows, clients that hang up): every good client gets
     the in-process scores, the server's resident memory stays bounded, /health answers within a second throughout,
     and SIGTERM then stops it within seconds while it scores."""
-    flags = ["--max_image_pixels", str(2048 * 2048), "--header_timeout_s", "2",
+    # The bombs fit Pillow's default limit (it only warns up to 179 M pixels) and the request's pixel budget: only
+    # --max_image_pixels stands between them and 412 MiB of RGB each.
+    flags = ["--max_image_pixels", str(2048 * 2048), "--max_request_pixels", str(2**30), "--header_timeout_s", "2",
              "--max_row_tokens", "4096", *LONG_REQUESTS[:4]]
     catalogue = [{"images": [image(COLOURS[i % 4], i)], "prompt": f"What colour is shape {i % 4}?", "response": r}
                  for i in range(8) for r in ("red", "blue")]
     expected = scorer.score(catalogue)
     encoded = [dict(item, images=[data_url(item["images"][0])]) for item in catalogue]
-    frame = bomb_png(20000, 20000)  # 50 KB; 381 MiB decoded, 1.1 GiB in RGB
+    frame = bomb_png(12000, 12000)  # 18 KB; 137 MiB decoded, 412 MiB in RGB
     bomb = {"rows": [dict(encoded[0], images=[bytes_url(frame)])]}
     ico = {"rows": [dict(encoded[0], images=[bytes_url(lying_ico(frame), "x-icon")])]}
     giant = {"rows": [encoded[0], dict(encoded[1], response="red " * 100_000)]}
@@ -604,14 +616,15 @@ def test_stress_good_clients_get_their_scores_amid_garbage_bombs_and_giant_rows(
             with concurrent.futures.ThreadPoolExecutor(64 + 2 * len(garbage)) as pool:
                 bad = [(pool.submit(call), want) for call, want in garbage * 2]
                 goods = [pool.submit(good, c) for c in range(64)]
-                assert all(future.result() for future in goods)
-                assert [future.result() for future, _ in bad] == [want for _, want in bad], [future.result() for future, _ in bad]
+                concurrent.futures.wait(goods + [future for future, _ in bad])
         finally:
             probed = json.loads(probe.communicate("", timeout=60)[0])
         latencies, memory = probed["latencies"], probed["rss"]
         print(f"/health: {len(latencies)} probes, slowest {max(latencies):.3f} s; "
               f"server RSS {baseline / 2**20:.0f} MiB, peak +{(max(memory) - baseline) / 2**20:.0f} MiB")
         assert len(latencies) > 20 and max(latencies) < 1.0
-        # The bombs would take 381 MiB decoded (1.1 GiB in RGB); the good load needs about 90 MiB.
+        # A bomb decoded would take 137 MiB, 412 MiB in RGB; the good load needs about 120 MiB.
         assert max(memory) - baseline < 200 * 2**20
+        assert all(future.result() for future in goods)
+        assert [future.result() for future, _ in bad] == [want for _, want in bad]
         stop_mid_scoring(process, url, signal.SIGTERM)

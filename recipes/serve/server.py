@@ -469,7 +469,7 @@ class PromptImages:
         images = self.by_prompt.get(prompt_key(prompt))
         if images is None:
             raise RowError(422, f"the prompt has {placeholders} image placeholders, no images in the request and no row "
-                                f"with the same turns in --prompt_images {self.path}", index, "query")
+                                "with the same turns in the server's --prompt_images file", index, "query")
         return images
 
 
