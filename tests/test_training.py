@@ -92,7 +92,8 @@ def test_stage2_starts_from_stage1_head_and_mixes_text(tiny_checkpoints, tmp_pat
     stage1_scores = RewardScorer.from_pretrained(str(tmp_path / "stage1"), device="cpu").score(items)
 
     # Stage 2's model before any step: the same scores, so the head was carried over, not re-initialised.
-    data_args, model_args, training_args, model_config = parse(*train_args(tmp_path / "stage1", data, tmp_path / "stage2"))
+    stage2_args = train_args(tmp_path / "stage1", data, tmp_path / "stage2", "--max_length", "300")
+    data_args, model_args, training_args, model_config = parse(*stage2_args)
     reloaded = ValueHeadRewardModel.from_pretrained(model_config.model_name_or_path)
     processor = AutoProcessor.from_pretrained(model_config.model_name_or_path)
     assert RewardScorer(reloaded, processor).score(items) == stage1_scores
@@ -100,6 +101,7 @@ def test_stage2_starts_from_stage1_head_and_mixes_text(tiny_checkpoints, tmp_pat
     stage2.main(data_args, model_args, training_args, model_config)
     stage2_scores = RewardScorer.from_pretrained(str(tmp_path / "stage2"), device="cpu").score(items)
     assert stage2_scores != stage1_scores
+    assert AutoTokenizer.from_pretrained(tmp_path / "stage2").model_max_length == 300  # stage 2's, not stage 1's 256
 
 
 def test_gradient_checkpointing_and_accumulation_train(tiny_checkpoints, tmp_path):
