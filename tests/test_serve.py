@@ -60,7 +60,7 @@ def image_root(tmp_path_factory) -> Path:
 def server(scorer, vl_model, image_root):
     args = ServerArguments(model_name_or_path=str(vl_model), allowed_image_root=str(image_root), max_body_bytes=2**20,
                            max_images_per_row=2, max_image_pixels=300 * 300, max_request_pixels=180_000,
-                           max_body_values=10_000, max_row_tokens=300, batch_wait_ms=20)
+                           max_body_values=10_000, max_row_tokens=300, max_rows_per_request=64, batch_wait_ms=20)
     with ServerThread(build_app(scorer, args), args) as running:
         yield running
 
@@ -172,6 +172,8 @@ def bad_requests(image_root: Path) -> list:
          422, 0, "messages[0].content[0]"),
         ("body too large", "/score", {"rows": [dict(ok, response="x" * 2**20)]}, 413, None, "body"),
         ("body of too many JSON values", "/score", {"rows": [0] * 20_000}, 413, None, "body"),
+        ("too many rows", "/score", {"rows": [{"prompt": "a", "response": "b"}] * 65}, 413, None, "rows"),
+        ("too many queries", "/get_reward", {"query": ["ab"] * 65, "prompts": ["a"] * 65}, 413, None, "query"),
         ("query not a string", "/get_reward", {"query": ["a", 5], "prompts": ["a", "b"]}, 422, 1, "query"),
         ("query without its prompt", "/get_reward", {"query": ["hello"], "prompts": ["bye"]}, 422, 0, "prompts"),
         ("plain query, no prompts", "/get_reward", {"query": ["hello"]}, 422, 0, "prompts"),

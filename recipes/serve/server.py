@@ -87,7 +87,7 @@ class ServerArguments:
     max_body_bytes: int = field(default=64 * 2**20, metadata={"help": "Largest request body (413 beyond)."})
     max_body_values: int = field(default=2**20, metadata={
         "help": "`,` and `:` bytes in a body, a bound on its JSON values (413 beyond): parsing holds Python's GIL, so "
-                "this bounds how long a body can stall the server (about 0.2 s at the default)."})
+                "this bounds how long a body can stall the server."})
     max_rows_per_request: int = field(default=1024)
     max_images_per_row: int = field(default=8)
     max_videos_per_row: int = field(default=2)
