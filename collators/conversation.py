@@ -253,13 +253,6 @@ def read_video(source, fps: float, min_frames: int, max_frames: int, before_deco
     return frames, count / total * rate
 
 
-def video_key(video) -> object:
-    """A video in a form json can key: its path, or its frames' keys."""
-    if isinstance(video, dict):
-        video = video.get("frames") or video.get("path")
-    return [frame if isinstance(frame, str) else str(frame) for frame in video] if isinstance(video, list) else str(video)
-
-
 class ConversationRenderer:
     """Turns (images, prompt, response) items into one right-padded batch for the reward model.
 

@@ -16,6 +16,7 @@ from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from trl import RewardConfig, RewardTrainer
 
 from collators import PairCollator
+from collators.preference_data import MEDIA_COLUMNS
 
 from .sharding import check_launch
 from .lora import ADAPTER_DIR
@@ -23,7 +24,8 @@ from .value_head import VALUE_HEAD_FILE, unreadable_weight_files
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_COLUMNS = ["images", "prompt", "chosen", "rejected", "margin"]
+# The columns the collators read (the Trainer drops the others before collation).
+SCHEMA_COLUMNS = [*MEDIA_COLUMNS, "prompt", "chosen", "rejected", "margin"]
 # The Trainer writes trainer_state.json last, and value_head.safetensors is the last file of our model save: a
 # checkpoint holding both was saved to the end.
 COMPLETE_CHECKPOINT_FILES = (VALUE_HEAD_FILE, TRAINER_STATE_NAME)

@@ -4,6 +4,7 @@ Plain rows (PairCollator), packed pairs (PackedPairCollator: the prompt and its 
 its branch), N-way scoring (RewardScorer) and the training-data check all place the same media at the same places.
 """
 
+import copy
 import json
 
 import av
@@ -256,3 +257,22 @@ def test_server_video_limits(served, tmp_path):
         assert answer.status_code == status, answer.text
         assert any(part in answer.json()["error"]["message"] for part in message.split("|")), answer.text
     assert post([video_data_url(moving_square("left"))]).status_code == 200
+
+
+def test_trainer_trains_on_video_and_image_in_response_rows(model_and_processor, tmp_path):
+    """The checked rows through VLRewardTrainer as stage1.py runs it: the media columns reach the collator."""
+    from trl import RewardConfig
+
+    from collators import pair_collator_for
+    from heads import VLRewardTrainer
+
+    model, processor = model_and_processor
+    model = copy.deepcopy(model)  # the module's other tests keep theirs untrained
+    dataset, _ = load_preference_mixture({write_rows(tmp_path): 1.0}, processor)
+    args = RewardConfig(output_dir=str(tmp_path / "out"), report_to=[], bf16=False, use_cpu=True, max_steps=2,
+                        per_device_train_batch_size=3, logging_steps=1, save_strategy="no", learning_rate=1e-2)
+    trainer = VLRewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                              data_collator=pair_collator_for(model, processor))
+    before = model.v_head.summary.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, model.v_head.summary.weight)
