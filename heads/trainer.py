@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from trl import RewardConfig, RewardTrainer
 
@@ -84,6 +85,20 @@ class VLRewardTrainer(RewardTrainer):
             # DeepSpeed flattens (ZeRO-3: partitions) the parameters into buffers of one dtype: the head is stored
             # as the backbone is, while its fp32 master copy lives in the optimizer and the reward is still fp32.
             model.v_head.to(model.pretrained_model.dtype)
+        embeddings = model.backbone.get_input_embeddings()
+        if self.accelerator.num_processes > 1 and not embeddings.weight.requires_grad:
+            # Frozen embeddings (LoRA): on a text-only rank the first decoder layer's input would not require grad,
+            # and FSDP2 / ZeRO-3 would reduce that layer's gradients at another point of the backward than a rank
+            # with images (whose trained projector's output flows into it): mismatched collectives, a hang. Only the
+            # language model's embeddings: transformers' enable_input_require_grads would also send gradients back
+            # through the frozen vision tower.
+            embeddings.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+        fsdp_plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2 and (args.bf16 or args.fp16):
+            # accelerate's policy casts every module's output to 16 bits, the rewards too, and reduces gradients in
+            # 16 bits: compute in 16 bits, but keep the rewards (so the loss) and the gradient reduction in fp32.
+            fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if args.bf16 else torch.float16, reduce_dtype=torch.float32)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Rows were checked and measured by collators.load_preference_mixture; PairCollator renders them.

@@ -1,120 +1,36 @@
-"""Sharded training on mixed batches: real FSDP2 and DeepSpeed ZeRO-3 on 2 CPU processes (gloo), one of them
-text-only at every step.
-
-Without the vision-tower call on text-only batches (heads/sharding.py) the ranks' parameter gathers no longer match
-and no step completes; with it the run finishes and its losses equal a single process's on the same data. The
-mechanism itself changes neither rewards nor gradients of a text-only batch.
-"""
-
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
+"""The parts of sharded training that need no launcher (the runs through `accelerate launch` are tests/sharded/,
+`make test-sharded`): the vision-tower call on text-only batches changes no reward and no gradient, the launch check
+refuses a state that differs from what the launcher asked for, and the value head computes in fp32."""
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from transformers import AutoProcessor
 
-import sharded_worker
-from heads import ValueHeadRewardModel
+from collators import PackedPairCollator, PairCollator
+from heads import RewardModelArguments, ValueHeadRewardModel, apply_freezing
+from heads.sharding import check_launch
+from heads.value_head import ValueHead
 
-WORKER = Path(sharded_worker.__file__)
+
+def text_pairs(step: int) -> list[dict]:
+    return [{"images": [], "prompt": f"Is {n} even?", "chosen": "yes" if n % 2 == 0 else "no",
+             "rejected": "no" if n % 2 == 0 else "yes", "margin": None} for n in (step, step + 1)]
 
 
 @pytest.fixture(scope="module")
-def reward_model_dir(tiny_checkpoints, tmp_path_factory):
-    """A tiny Qwen2.5-VL reward model with a fixed value head, so that every process starts from the same weights."""
+def model_and_processor(tiny_checkpoints):
     base = tiny_checkpoints("qwen2_5_vl")
-    directory = tmp_path_factory.mktemp("reward_model")
     torch.manual_seed(0)
-    ValueHeadRewardModel.from_pretrained(base, new_value_head=True).save_pretrained(directory)
-    AutoProcessor.from_pretrained(base).save_pretrained(directory)
-    return directory
+    model = ValueHeadRewardModel.from_pretrained(base, new_value_head=True, dtype=torch.float32, attn_implementation="sdpa")
+    apply_freezing(model, RewardModelArguments())  # the recipe's default: vision tower frozen, projector trained
+    return model.train(), AutoProcessor.from_pretrained(base)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_two_ranks(model_dir: Path, out: Path, timeout: float, *flags) -> tuple[int | None, str]:
-    """(return code, or None on timeout; the output). A hung run is killed with its whole process group."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), str(model_dir), str(out), *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-        return process.returncode, output
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        return None, output
-
-
-def read_log(out: Path) -> tuple[dict, list[float]]:
-    lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-    header = lines[0] if lines else {}
-    return header, [line["loss"] for line in lines[1:]]
-
-
-def single_process_losses(model_dir: Path) -> list[float]:
-    """The same steps on one process: each step's loss is the mean of the two ranks' losses (their gradients
-    are averaged by FSDP), computed on one unsharded model."""
-    torch.manual_seed(0)
-    model = sharded_worker.build_model(str(model_dir))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sharded_worker.LEARNING_RATE)
-    collate = sharded_worker.collators(AutoProcessor.from_pretrained(model_dir))
-    losses = []
-    for step in range(sharded_worker.STEPS):
-        loss = sum(sharded_worker.pair_loss(model, collate[step](sharded_worker.rank_batch(rank, step)))
-                   for rank in (0, 1)) / 2
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-@pytest.fixture(scope="module")
-def one_process_losses(reward_model_dir):
-    return single_process_losses(reward_model_dir)
-
-
-@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
-def test_text_only_rank_finishes_and_matches_one_process(backend, reward_model_dir, one_process_losses, tmp_path):
-    returncode, output = run_two_ranks(reward_model_dir, tmp_path / "log.jsonl", 180, "--backend", backend)
-    assert returncode == 0, output[-4000:]
-    header, losses = read_log(tmp_path / "log.jsonl")
-    # Really sharded on really two processes: every parameter is a DTensor (FSDP2) or held by this rank only as a
-    # shard (ZeRO-3); a silent fallback to DDP or to one process would leave whole tensors.
-    assert header == {"world_size": 2, "sharded_parameters": header["parameters"], "parameters": header["parameters"]}
-    assert len(losses) == sharded_worker.STEPS
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one_process_losses), rtol=1e-4, atol=1e-5)
-
-
-def test_text_only_rank_without_vision_call_never_completes_a_step(reward_model_dir, tmp_path):
-    """The control (FSDP2 only, to keep the suite short; ZeRO-3 shares the mechanism): with the tower skipped on
-    text-only batches, rank 0 gathers the vision tower while rank 1 gathers a decoder layer. gloo notices the size
-    mismatch and aborts; NCCL has no such check and waits forever; here the run either aborts or is killed at the
-    timeout, and no step completes in either case."""
-    returncode, output = run_two_ranks(reward_model_dir, tmp_path / "log.jsonl", 90, "--no_vision_sync")
-    header, losses = read_log(tmp_path / "log.jsonl")
-    assert header.get("world_size") == 2, output[-4000:]  # it got as far as the first step
-    assert returncode != 0 and losses == []
-    assert returncode is None or "collective mismatch" in output or "Connection reset" in output, output[-4000:]
-
-
-def test_text_only_vision_call_changes_no_reward_and_no_gradient(reward_model_dir):
-    model = sharded_worker.build_model(str(reward_model_dir))
-    collate = sharded_worker.collators(AutoProcessor.from_pretrained(reward_model_dir))
-    for step in range(2):  # the plain and the packed layout
-        batch = collate[step](sharded_worker.rank_batch(1, step))
+def test_text_only_vision_call_changes_no_reward_and_no_gradient(model_and_processor):
+    model, processor = model_and_processor
+    for step, collator in enumerate((PairCollator(processor), PackedPairCollator(processor))):
+        batch = collator(text_pairs(step))
         assert "pixel_values" not in batch
         results = []
         for always in (False, True):
@@ -134,9 +50,42 @@ def test_text_only_vision_call_changes_no_reward_and_no_gradient(reward_model_di
     # One process with no setting: the scoring path runs no vision tower on text-only batches.
     model.run_vision_tower_always = None
     calls = []
-    tower = model.pretrained_model.model.visual
-    handle = tower.register_forward_hook(lambda *args: calls.append(1))
+    handle = model.pretrained_model.model.visual.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
-        model(**collate[0](sharded_worker.rank_batch(1, 0)))
+        model(**PairCollator(processor)(text_pairs(0)))
     handle.remove()
     assert calls == []
+
+
+class State:
+    def __init__(self, distributed_type, num_processes):
+        self.distributed_type, self.num_processes = distributed_type, num_processes
+
+
+@pytest.mark.parametrize("flag,engine", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")])
+def test_launch_check_refuses_an_engine_that_was_not_set_up(monkeypatch, flag, engine):
+    monkeypatch.setenv(flag, "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=f"asks for {engine}.*set up MULTI_CPU with 2.*Fix: .*ddp.yaml"):
+        check_launch(State(DistributedType.MULTI_CPU, 2))
+    check_launch(State(DistributedType[engine], 2))
+
+
+def test_launch_check_refuses_processes_that_would_train_alone(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2.*set up NO with 1 process.*--use_cpu true"):
+        check_launch(State(DistributedType.NO, 1))
+    check_launch(State(DistributedType.MULTI_CPU, 2))
+    monkeypatch.delenv("WORLD_SIZE")
+    check_launch(State(DistributedType.NO, 1))  # a plain `python recipes/stage1.py`
+
+
+def test_value_head_computes_in_fp32_from_bf16_weights_under_autocast():
+    torch.manual_seed(0)
+    head = ValueHead(64).to(torch.bfloat16)  # as DeepSpeed stores it
+    hidden = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reward = head(hidden)
+    weight, bias = head.summary.weight.float(), head.summary.bias.float()
+    assert reward.dtype == torch.float32
+    torch.testing.assert_close(reward, (hidden.float() @ weight.T + bias).squeeze(-1), rtol=0, atol=0)
