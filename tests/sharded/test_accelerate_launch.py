@@ -3,7 +3,7 @@
 shipped config (ddp, zero2, zero3, fsdp2) in fp32 and bf16, with rank 1's batches text-only at every step.
 
 Inside each run (launcher/sitecustomize.py, on the launched processes' PYTHONPATH only) a probe records the world
-size, how the parameters are held, which steps had images, the losses and the rewards of fixed rows computed by the
+size, how the parameters are held, which steps had images or videos, the losses and the rewards of fixed rows computed by the
 trained, still sharded model. The test compares them with a one-process run of the same recipe on the same data
 (batch 4 = the two ranks' batches of 2), and the saved checkpoint with the one-process checkpoint: same keys and
 shapes (the release layout), and the same scores. FSDP on CPU needs a test-only patch of accelerate's state
@@ -59,16 +59,23 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def workspace(tiny_checkpoints, tmp_path_factory):
     """Pairs in the order the sequential sampler deals them: rows 0-1 to rank 0, 2-3 to rank 1, 4-5 to rank 0...
-    so rank 0 gets image pairs and rank 1 text-only pairs at every step. `rows`: one image and one text pair, scored
-    by the trained model inside the run and by every saved checkpoint."""
+    so rank 0 gets image pairs (video pairs, frame lists, at the second step: the vision tower runs on video frames
+    while rank 1 runs it on the dummy image) and rank 1 text-only pairs at every step. `rows`: one image and one text
+    pair, scored by the trained model inside the run and by every saved checkpoint."""
     root = tmp_path_factory.mktemp("sharded")
     (root / "img").mkdir()
     pairs = []
     for i in range(2 * 2 * STEPS):
-        if (i // 2) % 2 == 0:
-            colour, other = COLOURS[i % 4], COLOURS[(i + 1) % 4]
+        colour, other = COLOURS[i % 4], COLOURS[(i + 1) % 4]
+        if (i // 2) % 2 == 0 and i < 4:
             Image.new("RGB", (56, 56), colour).save(root / "img" / f"{i}.png")
             pairs.append({"images": [f"img/{i}.png"], "prompt": "What colour?", "chosen": colour, "rejected": other})
+        elif (i // 2) % 2 == 0:  # a shape changing colour
+            frames = []
+            for t in range(4):
+                Image.new("RGB", (56, 56), COLOURS[(i + t) % 4]).save(root / "img" / f"{i}_{t}.png")
+                frames.append(f"img/{i}_{t}.png")
+            pairs.append({"videos": [frames], "prompt": "Which colour comes first?", "chosen": colour, "rejected": other})
         else:
             even = i % 2 == 0
             pairs.append({"images": [], "prompt": f"Is {i} even?", "chosen": "yes" if even else "no",
@@ -181,7 +188,7 @@ def check_run(result, config: str, expected_type: str, reference, precision: str
     for record in (rank0, rank1):
         assert record["world_size"] == 2 and record["distributed_type"] == expected_type
         assert record["steps"] == STEPS
-    assert rank0["steps_with_images"] == list(range(1, STEPS + 1)) and rank1["steps_with_images"] == []
+    assert rank0["steps_with_media"] == list(range(1, STEPS + 1)) and rank1["steps_with_media"] == []
     held = rank0["held"]
     if config == "ddp":
         assert held["wrapper"] == "DistributedDataParallel"

@@ -12,9 +12,10 @@ the tests only, never by a user's run). Test-only additions to the real `acceler
    under it, so nothing would be partitioned. The threshold is set to 0, as if the tensors were a 7B model's.
 3. A probe (SHARDING_TEST_PROBE=<prefix>) that records, inside each rank of the recipe's run, what the test must
    see from there: the world size, the distributed type, how the parameters are held (DTensor shards, ZeRO-3
-   partitions, ZeRO-2 optimizer partitions), which steps had images, the logged losses and the rewards of fixed
-   rows computed by the trained (still sharded) model at the end. It writes <prefix>.rank<N>.json. With
-   SHARDING_TEST_SKIP_VISION_SYNC=1 it also turns off the vision-tower call on text-only batches (the control).
+   partitions, ZeRO-2 optimizer partitions), which steps had images or videos, the logged losses and the rewards
+   of fixed rows computed by the trained (still sharded) model at the start and at the end. It writes
+   <prefix>.rank<N>.json. With SHARDING_TEST_SKIP_VISION_SYNC=1 it also turns off the vision-tower call on
+   text-only batches (the control).
 """
 
 import json
@@ -76,7 +77,7 @@ def _probe(prefix: str):
     from transformers import Trainer, TrainerCallback
 
     rank = int(os.environ.get("RANK", "0"))
-    record = {"steps_with_images": [], "steps": 0}
+    record = {"steps_with_media": [], "steps": 0}
 
     class Probe(TrainerCallback):
         def __init__(self, trainer):
@@ -120,8 +121,8 @@ def _probe(prefix: str):
         def recorded_compute_loss(model, inputs, *args, **kwargs):
             if model.training:
                 record["steps"] += 1
-                if inputs.get("pixel_values") is not None:
-                    record["steps_with_images"].append(record["steps"])
+                if inputs.get("pixel_values") is not None or inputs.get("pixel_values_videos") is not None:
+                    record["steps_with_media"].append(record["steps"])
             return compute_loss(model, inputs, *args, **kwargs)
 
         self.compute_loss = recorded_compute_loss
