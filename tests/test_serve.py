@@ -328,7 +328,7 @@ def stop_mid_scoring(process, url: str, stop: signal.Signals):
         process.send_signal(stop)
         start = time.time()
         process.wait(timeout=30)
-        assert time.time() - start < 10, f"{stop!r} took {time.time() - start:.1f} s"
+        assert time.time() - start < 20, f"{stop!r} took {time.time() - start:.1f} s"
         with pytest.raises(httpx.HTTPError):
             long.result().raise_for_status()
 

@@ -20,11 +20,13 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import stage1  # noqa: E402
 import stage2  # noqa: E402
 
-PARSER = TrlParser((PreferenceDataArguments, RewardModelArguments, RewardConfig, ModelConfig))
+def new_parser() -> TrlParser:
+    # A parser per call: TrlParser keeps a --config file's values as its defaults, which would leak into later parses.
+    return TrlParser((PreferenceDataArguments, RewardModelArguments, RewardConfig, ModelConfig))
 
 
 def parse(*args):
-    return PARSER.parse_args_and_config(list(args))
+    return new_parser().parse_args_and_config(list(args))
 
 
 def write_pairs(directory: Path, images: bool = True, text: bool = False) -> Path:
@@ -139,7 +141,7 @@ def test_checkpoints_use_release_layout_and_resume(tiny_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("config", sorted((ROOT / "recipes").glob("*/stage*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_recipe_yaml_parses(config):
-    data_args, model_args, training_args, model_config = PARSER.parse_args_and_config(["--config", str(config), "--use_cpu", "true"])
+    data_args, model_args, training_args, model_config = new_parser().parse_args_and_config(["--config", str(config), "--use_cpu", "true"])
     assert model_config.model_name_or_path and data_args.dataset_mixture
     assert isinstance(data_args.dataset_mixture, dict)
     header = config.read_text().splitlines()[:3]
