@@ -1,8 +1,10 @@
-"""Reward models in the release layout and a real server on 127.0.0.1, shared by the serving and RL tests."""
+"""Reward models in the release layout, a real server on 127.0.0.1 and a tiny GRPO run, shared by the serving and RL
+tests."""
 
 import base64
 import dataclasses
 import io
+import random
 import socket
 import threading
 import time
@@ -12,7 +14,15 @@ import torch
 import uvicorn
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    Qwen2_5_VLForConditionalGeneration,
+)
+from trl import GRPOConfig, GRPOTrainer
 
 
 def write_reward_model(base: Path, out: Path, seed: int = 0) -> Path:
@@ -28,6 +38,24 @@ def write_reward_model(base: Path, out: Path, seed: int = 0) -> Path:
             "v_head.summary.bias": torch.randn(1, generator=generator)}
     save_file(head, str(out / "value_head.safetensors"), metadata={"format": "pt"})
     return out
+
+
+def train_grpo(policy_dir: Path, reward, dataset, output_dir: Path) -> GRPOTrainer:
+    """Two steps of TRL's GRPOTrainer on the tiny Qwen2.5-VL policy in fp32 on CPU: 4 rows a step, two completions
+    per prompt, each of at most 6 tokens."""
+    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(policy_dir, dtype=torch.float32)
+    config = GRPOConfig(output_dir=str(output_dir), per_device_train_batch_size=4, num_generations=2,
+                        max_completion_length=6, max_steps=2, learning_rate=1e-5, use_cpu=True, bf16=False,
+                        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=AutoProcessor.from_pretrained(policy_dir))
+    trainer.train()
+    return trainer
+
+
+def noise(width: int, height: int, seed: int) -> Image.Image:
+    """Random pixels: no two images score alike by chance, and any resampling shows (a plain colour would hide it)."""
+    return Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
 
 
 def data_url(image: Image.Image) -> str:

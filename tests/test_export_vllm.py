@@ -21,11 +21,6 @@ from recipes.serve.export_vllm import ExportError, export_vllm  # noqa: E402
 from recipes.serve.export_vllm import main as export_main  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def vl_model(tiny_checkpoints, tmp_path_factory) -> Path:
-    return write_reward_model(tiny_checkpoints("qwen2_5_vl"), tmp_path_factory.mktemp("vl_rm"))
-
-
 def test_vl_export_names_the_head_on_the_text_model(vl_model, tmp_path):
     out = export_vllm(vl_model, tmp_path / "vllm")
     config = json.loads((out / "config.json").read_text())

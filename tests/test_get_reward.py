@@ -4,36 +4,19 @@ metrics in Prometheus' format."""
 
 import asyncio
 import json
-import random
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import ServerThread, data_url, write_reward_model
+from serving_helpers import ServerThread, data_url, noise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer  # noqa: E402
 from recipes.serve.server import DynamicBatcher, Metrics, PromptImages, ServerArguments, build_app  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def vl_model(tiny_checkpoints, tmp_path_factory) -> Path:
-    return write_reward_model(tiny_checkpoints("qwen2_5_vl"), tmp_path_factory.mktemp("vl_rm"))
-
-
-@pytest.fixture(scope="module")
-def scorer(vl_model) -> RewardScorer:
-    return RewardScorer.from_pretrained(str(vl_model), device="cpu")
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    """Random pixels: two of them never score alike by chance, and any resampling shows."""
-    return Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
 
 
 def openrlhf_query(scorer: RewardScorer, content, response: str, images=()) -> tuple[str, str]:

@@ -3,24 +3,19 @@ the HTTP reward function and verl's custom reward function reach the reward serv
 
 import base64
 import io
-import random
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from PIL import Image
-from serving_helpers import ServerThread, write_reward_model
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-from trl import GRPOConfig, GRPOTrainer
+from serving_helpers import ServerThread, noise, train_grpo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from heads import RewardScorer  # noqa: E402
 from recipes.serve.rl_rewards import (  # noqa: E402
     RewardModelReward, RewardServerReward, compute_score, image_data_url,
 )
@@ -30,24 +25,9 @@ QUESTION = "What is in the picture?"
 
 
 @pytest.fixture(scope="module")
-def vl_model(tiny_checkpoints, tmp_path_factory) -> Path:
-    return write_reward_model(tiny_checkpoints("qwen2_5_vl"), tmp_path_factory.mktemp("vl_rm"))
-
-
-@pytest.fixture(scope="module")
-def scorer(vl_model) -> RewardScorer:
-    return RewardScorer.from_pretrained(str(vl_model), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def server(vl_model, scorer):
     with ServerThread(build_app(scorer, ServerArguments(model_name_or_path=str(vl_model)))) as running:
         yield running
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    """Random pixels: no two score alike by chance, and any resampling shows (a plain colour would hide it)."""
-    return Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
 
 
 class RecordingReward(RewardModelReward):
@@ -67,15 +47,8 @@ def test_grpo_run_scores_each_completion_with_its_own_images(tiny_checkpoints, s
         "prompt": [[{"role": "user", "content": QUESTION}] for _ in range(4)],
         "images": [[noise(56 + 28 * (i % 2), 56, seed=i)] for i in range(4)],
     })
-    policy_dir = tiny_checkpoints("qwen2_5_vl")
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(policy_dir, dtype=torch.float32)
     reward = RecordingReward(scorer=scorer)
-    config = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                        max_completion_length=6, max_steps=2, learning_rate=1e-5, use_cpu=True, bf16=False,
-                        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=AutoProcessor.from_pretrained(policy_dir))
-    trainer.train()
+    trainer = train_grpo(tiny_checkpoints("qwen2_5_vl"), reward, dataset, tmp_path / "grpo")
 
     assert len(reward.calls) == 2
     for prompts, completions, kwargs, rewards in reward.calls:

@@ -34,16 +34,6 @@ COLOURS = ["red", "blue", "green", "yellow"]
 
 
 @pytest.fixture(scope="module")
-def vl_model(tiny_checkpoints, tmp_path_factory) -> Path:
-    return write_reward_model(tiny_checkpoints("qwen2_5_vl"), tmp_path_factory.mktemp("vl_rm"))
-
-
-@pytest.fixture(scope="module")
-def scorer(vl_model) -> RewardScorer:
-    return RewardScorer.from_pretrained(str(vl_model), device="cpu")
-
-
-@pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("allowed")
     for i, colour in enumerate(COLOURS):

@@ -5,24 +5,21 @@ images, equals RewardScorer's."""
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset
 from PIL import Image
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-from trl import GRPOConfig, GRPOTrainer
+from transformers import AutoProcessor
 
 ROOT = Path(__file__).resolve().parents[2]
 RL_PYTHON = ROOT / os.environ.get("RL_VENV", ".venv-rl") / "bin" / "python"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serving_helpers import ServerThread, write_reward_model  # noqa: E402
+from serving_helpers import ServerThread, noise, train_grpo, write_reward_model  # noqa: E402
 
 from heads import RewardScorer  # noqa: E402
 from recipes.serve.rl_rewards import RewardServerReward  # noqa: E402
@@ -30,10 +27,6 @@ from recipes.serve.server import ServerArguments, build_app  # noqa: E402
 
 needs_rl_venv = pytest.mark.skipif(not RL_PYTHON.exists(), reason="no RL clients' venv: run `make test-rl-clients`")
 TOLERANCE = 1e-4
-
-
-def noise(width: int, height: int, seed: int) -> Image.Image:
-    return Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +119,8 @@ def test_trl_grpo_trains_with_rewards_from_the_server(setup, tiny_checkpoints, t
     """The reward model behind HTTP, off the policy's devices; two prompts with their own images per reward call."""
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "What is in the picture?"}]] * 4,
                                  "images": [[noise(56 + 28 * (i % 2), 56, seed=10 + i)] for i in range(4)]})
-    policy_dir = tiny_checkpoints("qwen2_5_vl")
-    policy = Qwen2_5_VLForConditionalGeneration.from_pretrained(policy_dir, dtype=torch.float32)
     reward = RecordingServerReward(setup["url"], timeout=120)
-    config = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                        max_completion_length=6, max_steps=2, learning_rate=1e-5, use_cpu=True, bf16=False,
-                        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
-    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=AutoProcessor.from_pretrained(policy_dir))
-    trainer.train()
+    trainer = train_grpo(tiny_checkpoints("qwen2_5_vl"), reward, dataset, tmp_path / "grpo")
 
     assert len(reward.calls) == 2 and trainer.state.global_step == 2
     for prompts, completions, images, rewards in reward.calls:
