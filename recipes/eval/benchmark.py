@@ -85,6 +85,19 @@ class EvaluationArguments(ScorerArguments):
             raise ValueError("--model_name_or_path is required (a trained reward model), unless --recompute")
 
 
+def hub_dataset_field(default: str):
+    """`dataset` of a text benchmark on the hub: `default` is its hub id; a local copy works too."""
+    return field(
+        default=default,
+        metadata={"help": "Hub id, or a local copy: .jsonl / .parquet file or save_to_disk folder."},
+    )
+
+
+def hub_split_field(default: str):
+    """`split` of a benchmark on the hub: `default` is the split the published numbers use."""
+    return field(default=default, metadata={"help": "Split of the hub dataset."})
+
+
 def load_scorer(args: ScorerArguments) -> RewardScorer:
     if not args.model_name_or_path:
         raise ValueError("--model_name_or_path is required: a trained reward model (directory or hub id)")

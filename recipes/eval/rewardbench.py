@@ -13,7 +13,7 @@ from output_dir/predictions.jsonl; --recompute rebuilds the reports from it with
 """
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: heads/, collators/, recipes/
@@ -24,6 +24,8 @@ from recipes.eval.benchmark import (
     EvaluationArguments,
     accuracy_by_category,
     evaluate,
+    hub_dataset_field,
+    hub_split_field,
     load_benchmark,
 )
 
@@ -81,11 +83,8 @@ NOTES = "Published rows: Table 4 of the Skywork-VL Reward paper. Categories belo
 
 @dataclass(kw_only=True)
 class RewardBenchArguments(EvaluationArguments):
-    dataset: str = field(
-        default="allenai/reward-bench",
-        metadata={"help": "Hub id, or a local copy: .jsonl / .parquet file or save_to_disk folder."},
-    )
-    split: str = field(default="filtered", metadata={"help": "Split of the hub dataset."})
+    dataset: str = hub_dataset_field("allenai/reward-bench")
+    split: str = hub_split_field("filtered")
 
 
 def rewardbench_metrics(predictions: list[dict]) -> dict:

@@ -23,7 +23,7 @@ import math
 import re
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from trl import TrlParser
 
-from recipes.eval.benchmark import EvaluationArguments, evaluate, load_benchmark
+from recipes.eval.benchmark import EvaluationArguments, evaluate, hub_dataset_field, hub_split_field, load_benchmark
 
 SUBSETS = ["Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties"]
 COLUMNS = [*SUBSETS, "Score"]
@@ -53,11 +53,8 @@ TIES = "Ties"
 
 @dataclass(kw_only=True)
 class RewardBench2Arguments(EvaluationArguments):
-    dataset: str = field(
-        default="allenai/reward-bench-2",
-        metadata={"help": "Hub id, or a local copy: .jsonl / .parquet file or save_to_disk folder."},
-    )
-    split: str = field(default="test", metadata={"help": "Split of the hub dataset."})
+    dataset: str = hub_dataset_field("allenai/reward-bench-2")
+    split: str = hub_split_field("test")
 
 
 def best_of_n_credit(scores: list[float]) -> float:

@@ -28,6 +28,7 @@ from recipes.eval.benchmark import (
     accuracy,
     accuracy_by_category,
     evaluate,
+    hub_split_field,
     load_benchmark,
 )
 from recipes.shared.images import resolve_image
@@ -75,7 +76,7 @@ class VLRewardBenchArguments(EvaluationArguments):
         metadata={"help": "Hub id, or a local copy: .parquet / .jsonl file (image paths relative to it) or "
                   "save_to_disk folder."},
     )
-    split: str = field(default="test", metadata={"help": "Split of the hub dataset."})
+    split: str = hub_split_field("test")
 
 
 def vl_rewardbench_category(item_id: str) -> str:
