@@ -16,7 +16,7 @@ untimed step, then the median of `--steps` steps; peak memory is torch.cuda.max_
 steps. Each packed implementation's rewards are compared with the rows' (bf16, so ~1e-2 apart is rounding).
 The implementations of a shape run in turn on the same weights (the attention implementation is switched with
 set_attn_implementation). No cell starts after `--time_budget_s` (420 s; those left are marked skipped), so a run
-fits an 8-minute call on one 80 GB GPU. It has not been run on a GPU yet.
+stays under 8 minutes on one 80 GB GPU. It has not been run on a GPU yet.
 
     make bench-gpu   # python recipes/bench/gpu.py --output recipes/bench/results/gpu.md
     python recipes/bench/gpu.py --tiny --device cpu --output /tmp/gpu.md   # the same code path, tiny, on CPU
