@@ -45,7 +45,6 @@ from .conversation import (
     VideoBudgetArguments,
     open_image,
     place_media,
-    set_video_budget,
 )
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,8 @@
 3. runs recipes/stage1.py then recipes/stage2.py with recipes/demo/stage{1,2}.yaml (the same recipes and
    trainer as the GPU run, only a tiny preset),
 4. scores held-out pairs: with their images, with the images blanked (a model that looks at the image
-   falls to chance), and text-only pairs,
+   falls to chance), and text-only pairs; video pairs (which way a shape moves) with their frames in order and
+   shuffled, and pairs whose responses are images (which one draws the asked colour) with those images and blanked,
 5. MPO (paper §6): the stage-2 reward model picks chosen and rejected among candidate answers, right or wrong
    about the image (recipes/mpo/build_mpo_data.py), and recipes/mpo/mpo.py trains a tiny policy (the same
    random-init tiny model) on those pairs with recipes/demo/mpo.yaml; the policy's preference for right answers on
@@ -19,6 +20,7 @@ pairs in outputs/demo/mpo_data and the policy in outputs/demo/mpo.
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -28,7 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # heads/ and collators/
 
 from PIL import Image  # noqa: E402
-from synthetic_data import blank_image, write_image_pairs, write_mpo_prompts, write_text_pairs  # noqa: E402
+from synthetic_data import (  # noqa: E402
+    FRAME_SIZE, blank_image, write_drawing_pairs, write_image_pairs, write_motion_pairs, write_mpo_prompts,
+    write_text_pairs,
+)
 from tiny_model import save_tiny_model  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
@@ -38,7 +43,7 @@ from recipes.mpo.evaluate import preference_accuracy  # noqa: E402
 OUT = ROOT / "outputs" / "demo"
 DATA = OUT / "data"
 SIZES = {"stage1": 2000, "stage2_text": 600, "heldout": 400, "text_heldout": 200, "mpo_prompts": 1000,
-         "mpo_heldout": 400}
+         "mpo_heldout": 400, "motion": 400, "motion_heldout": 200, "drawing": 400, "drawing_heldout": 200}
 
 
 def run_stage(stage: str, overrides: list[str]) -> None:
@@ -66,13 +71,41 @@ def pair_accuracy(scorer: RewardScorer, path: Path, blank: bool = False) -> tupl
     return sum(correct) / len(correct), {task: round(sum(v) / len(v), 4) for task, v in sorted(per_task.items())}
 
 
+def media_pair_accuracy(scorer: RewardScorer, path: Path, control: str | None = None) -> float:
+    """Fraction of video / image-in-response pairs with r(chosen) > r(rejected); control "shuffled" shuffles each
+    video's frames, "blank" blanks the responses' images."""
+    rows, rng = [json.loads(line) for line in path.open()], random.Random(0)
+
+    def response(value):
+        if isinstance(value, str):
+            return value
+        return [dict(m, content=[dict(part, image=Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), (245, 245, 245))
+                                      if control == "blank" else str(path.parent / part["image"]))
+                                 if part["type"] == "image" else part for part in m["content"]]) for m in value]
+
+    items = []
+    for row in rows:
+        videos = [[str(path.parent / frame) for frame in video] for video in row.get("videos", [])]
+        if control == "shuffled":
+            videos = [rng.sample(video, len(video)) for video in videos]
+        items += [{"images": [], "videos": videos, "prompt": row["prompt"], "response": response(row[side])}
+                  for side in ("chosen", "rejected")]
+    scores = scorer.score(items, progress=True)
+    return sum(scores[2 * i] > scores[2 * i + 1] for i in range(len(rows))) / len(rows)
+
+
 def evaluate(checkpoint: Path) -> dict:
     scorer = RewardScorer.from_pretrained(str(checkpoint), batch_size=64)
     heldout, per_task = pair_accuracy(scorer, DATA / "heldout.jsonl")
     blind, _ = pair_accuracy(scorer, DATA / "heldout.jsonl", blank=True)
     text, _ = pair_accuracy(scorer, DATA / "text_heldout.jsonl")
+    media = {"motion_accuracy": media_pair_accuracy(scorer, DATA / "motion_heldout.jsonl"),
+             "motion_shuffled_accuracy": media_pair_accuracy(scorer, DATA / "motion_heldout.jsonl", "shuffled"),
+             "drawing_accuracy": media_pair_accuracy(scorer, DATA / "drawing_heldout.jsonl"),
+             "drawing_blind_accuracy": media_pair_accuracy(scorer, DATA / "drawing_heldout.jsonl", "blank")}
     return {"heldout_accuracy": round(heldout, 4), "blind_accuracy": round(blind, 4),
-            "text_accuracy": round(text, 4), "heldout_accuracy_per_task": per_task}
+            "text_accuracy": round(text, 4), "heldout_accuracy_per_task": per_task,
+            **{key: round(value, 4) for key, value in media.items()}}
 
 
 def preference_pairs(path: Path) -> list[dict]:
@@ -123,6 +156,10 @@ def main() -> None:
     write_text_pairs(DATA / "stage2_text.jsonl", SIZES["stage2_text"], seed=2)
     write_image_pairs(DATA / "heldout.jsonl", SIZES["heldout"], seed=3)
     write_text_pairs(DATA / "text_heldout.jsonl", SIZES["text_heldout"], seed=4)
+    write_motion_pairs(DATA / "motion.jsonl", SIZES["motion"], seed=7)
+    write_motion_pairs(DATA / "motion_heldout.jsonl", SIZES["motion_heldout"], seed=8)
+    write_drawing_pairs(DATA / "drawing.jsonl", SIZES["drawing"], seed=9)
+    write_drawing_pairs(DATA / "drawing_heldout.jsonl", SIZES["drawing_heldout"], seed=10)
 
     overrides = sys.argv[1:]  # recipe flags for both stages, e.g. --pack_pairs false
     run_stage("stage1", overrides)
@@ -141,6 +178,13 @@ def main() -> None:
         f"| image pairs (accuracy) | {stage1['heldout_accuracy']:.3f} | {report['heldout_accuracy']:.3f} |",
         f"| same pairs, images blanked | {stage1['blind_accuracy']:.3f} | {report['blind_accuracy']:.3f} |",
         f"| text-only pairs | {stage1['text_accuracy']:.3f} | {report['text_accuracy']:.3f} |",
+        f"| video pairs: which way the shape moves | {stage1['motion_accuracy']:.3f} | {report['motion_accuracy']:.3f} |",
+        f"| same videos, frames shuffled | {stage1['motion_shuffled_accuracy']:.3f} | "
+        f"{report['motion_shuffled_accuracy']:.3f} |",
+        f"| image responses: which draws the asked colour | {stage1['drawing_accuracy']:.3f} | "
+        f"{report['drawing_accuracy']:.3f} |",
+        f"| same pairs, response images blanked | {stage1['drawing_blind_accuracy']:.3f} | "
+        f"{report['drawing_blind_accuracy']:.3f} |",
         "",
         f"Per task after stage 2: {report['heldout_accuracy_per_task']}",
         "",

@@ -145,3 +145,65 @@ def write_mpo_prompts(path: Path, n: int, seed: int, responses: int = 4) -> Path
         return {"id": f"{task.__name__}-{i}", "prompt": prompt, "responses": answers,
                 "answer": truth}
     return write_image_rows(path, n, seed, make_row)
+
+
+# Tasks that only the new inputs can teach. Motion: a shape crosses the frames of a video left to right or right to
+# left; every frame alone looks alike either way, so shuffled frames leave a model at chance. Drawing: two responses
+# draw a circle, one in the colour the prompt asks for; their texts are the same two phrases in random order, so a
+# model blind to the responses' images stays at chance.
+FRAME_SIZE = 56
+MOTION_STEPS = (2, 12, 30, 40)  # the shape's left edge in each frame, moving right
+
+
+def motion_frames(direction: str, rng: random.Random) -> list[Image.Image]:
+    colour, y = COLOURS[rng.choice(sorted(COLOURS))], rng.randint(2, FRAME_SIZE - 16)
+    frames = []
+    for x in MOTION_STEPS if direction == "right" else MOTION_STEPS[::-1]:
+        frame = Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), (245, 245, 245))
+        ImageDraw.Draw(frame).rectangle((x, y, x + 13, y + 13), fill=colour)
+        frames.append(frame)
+    return frames
+
+
+def write_motion_pairs(path: Path, n: int, seed: int) -> Path:
+    """`n` video pairs (each video a list of frame files beside the jsonl): the right direction chosen."""
+    rng = random.Random(seed)
+    frame_dir = path.parent / f"{path.stem}_frames"
+    frame_dir.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            direction, other = ("right", "left") if i % 2 == 0 else ("left", "right")
+            video = []
+            for t, frame in enumerate(motion_frames(direction, rng)):
+                frame.save(frame_dir / f"{i:05d}_{t}.png")
+                video.append(f"{frame_dir.name}/{i:05d}_{t}.png")
+            f.write(json.dumps({"videos": [video], "prompt": "Which way does the shape move?",
+                                "chosen": f"It moves {direction}.", "rejected": f"It moves {other}.",
+                                "source": "motion"}) + "\n")
+    return path
+
+
+def drawing(colour: str, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), (245, 245, 245))
+    x, y = rng.randint(18, 38), rng.randint(18, 38)
+    ImageDraw.Draw(image).ellipse(_box(x, y, 14), fill=COLOURS[colour])
+    return image
+
+
+def write_drawing_pairs(path: Path, n: int, seed: int) -> Path:
+    """`n` pairs whose responses are images (inline image parts, files beside the jsonl): the one in the asked
+    colour chosen."""
+    rng = random.Random(seed)
+    image_dir = path.parent / f"{path.stem}_images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i in range(n):
+            colour, other = rng.sample(sorted(COLOURS), 2)
+            texts = rng.sample(["Here it is.", "Here is the picture."], 2)
+            row = {"prompt": f"Draw a {colour} circle.", "source": "drawing"}
+            for side, shown, text in (("chosen", colour, texts[0]), ("rejected", other, texts[1])):
+                drawing(shown, rng).save(image_dir / f"{i:05d}_{side}.png")
+                row[side] = [{"role": "assistant", "content": [
+                    {"type": "image", "image": f"{image_dir.name}/{i:05d}_{side}.png"}, {"type": "text", "text": text}]}]
+            f.write(json.dumps(row) + "\n")
+    return path
