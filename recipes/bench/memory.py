@@ -125,7 +125,8 @@ def extras_table(model: ValueHeadRewardModel, gpus: int) -> list[tuple[str, str,
 
 
 def main():
-    full_trained, full_frozen = count_parameters(reward_model(lora=False))
+    model = reward_model(lora=False)
+    full_trained, full_frozen = count_parameters(model)
     lora_trained, _ = count_parameters(reward_model(lora=True))
     total = full_trained + full_frozen
     print(f"Qwen2.5-VL-7B reward model: {total:,} parameters; full fine-tuning trains {full_trained:,} "
@@ -137,7 +138,6 @@ def main():
         ("full, 8 GPUs", "zero3.yaml / fsdp2.yaml", 8, total, full_trained, "all"),
         ("full, 2 nodes x 8 GPUs", "zero3.yaml / multinode_fsdp2.yaml", 16, total, full_trained, "all"),
     ]
-    model = reward_model(lora=False)
     text_config, groups = model.config.get_text_config(), parameter_groups(model)
     print("| setup | config | weights | gradients | optimizer state | total per GPU (GB, computed) "
           f"| with one pair at max_length {MAX_LENGTH:,}, gradient checkpointing |")
