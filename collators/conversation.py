@@ -230,7 +230,7 @@ def read_video(source, fps: float, min_frames: int, max_frames: int, before_deco
     from qwen_vl_utils.vision_process import smart_nframes
 
     name = source if isinstance(source, (str, Path)) else "the video"
-    with av.open(source if isinstance(source, (str, Path)) else source, "r") as container:
+    with av.open(source, "r") as container:
         if not container.streams.video:
             raise ValueError(f"{name}: no video stream")
         stream = container.streams.video[0]
