@@ -254,7 +254,7 @@ def read_video(source, fps: float, min_frames: int, max_frames: int, before_deco
 
 
 class ConversationRenderer:
-    """Turns (images, prompt, response) items into one right-padded batch for the reward model.
+    """Turns (images, videos, prompt, response) items into one right-padded batch for the reward model.
 
     The pixel budget is the processor's own (saved with the checkpoint); `min_pixels` / `max_pixels` override it
     on a copy of the processor. Qwen processors get their images through qwen-vl-utils with that same budget, so
