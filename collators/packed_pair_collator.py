@@ -68,9 +68,9 @@ def pack_branches(groups: list[tuple[list[int], list[list[int]]]], pad_token_id:
     `video_grids` through the prompts and branches; `video_intervals` spaces each video's temporal patches), else
     [B, L]. `branch_row` and `branch_index` say where each branch's last token is, group by group and branch by branch.
     """
-    vision = {image_token_id: zip(iter(image_grids if image_grids is not None else []), repeat(1)),
-              video_token_id: zip(iter(video_grids if video_grids is not None else []),
-                                  iter(video_intervals if video_intervals is not None else []))}
+    vision = {image_token_id: zip(image_grids if image_grids is not None else [], repeat(1)),
+              video_token_id: zip(video_grids if video_grids is not None else [],
+                                  video_intervals if video_intervals is not None else [])}
     length = max(len(prompt) + sum(map(len, branches)) for prompt, branches in groups)
     input_ids = torch.full((len(groups), length), pad_token_id)
     segment_ids = torch.full((len(groups), length), PAD)
