@@ -19,8 +19,8 @@ from trl import RewardConfig, RewardTrainer
 from collators import PairCollator
 from collators.preference_data import MEDIA_COLUMNS
 
-from .sharding import check_launch
 from .lora import ADAPTER_DIR
+from .sharding import check_launch
 from .value_head import VALUE_HEAD_FILE, unreadable_weight_files
 
 logger = logging.getLogger(__name__)
