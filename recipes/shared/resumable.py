@@ -76,10 +76,10 @@ def check_provenance(path: Path, provenance: dict | None, overwrite: bool) -> No
     """Refuses records of `path` (and its parts) that another model or other settings produced."""
     if provenance is None or overwrite:
         return
-    has_records = bool(read_records(path)) or any(read_records(part) for part in part_files(path))
-    if not has_records:
+    records = [record for file in [path, *part_files(path)] for record in read_records(file)]
+    if not records:
         return
-    if any("key" not in record for file in [path, *part_files(path)] for record in read_records(file)):
+    if any("key" not in record for record in records):
         raise StaleRecordsError(f"{path} holds records keyed by line number (an earlier version of this repository); "
                                 "pass --overwrite true to discard them and score afresh.")
     record = provenance_file(path)
