@@ -79,7 +79,7 @@ def media_pair_accuracy(scorer: RewardScorer, path: Path, control: str | None = 
     def response(value):
         if isinstance(value, str):
             return value
-        return [dict(m, content=[dict(part, image=Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), (245, 245, 245))
+        return [dict(m, content=[dict(part, image=blank_image(FRAME_SIZE)
                                       if control == "blank" else str(path.parent / part["image"]))
                                  if part["type"] == "image" else part for part in m["content"]]) for m in value]
 

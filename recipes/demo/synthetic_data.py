@@ -21,8 +21,8 @@ BAR_COLOURS = ["red", "green", "blue"]
 COUNTS = ["one", "two", "three", "four"]
 
 
-def _canvas() -> Image.Image:
-    return Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (245, 245, 245))
+def _canvas(size: int = IMAGE_SIZE) -> Image.Image:
+    return Image.new("RGB", (size, size), (245, 245, 245))
 
 
 def _box(x: int, y: int, r: int) -> tuple[int, int, int, int]:
@@ -117,9 +117,9 @@ def write_text_pairs(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-def blank_image() -> Image.Image:
+def blank_image(size: int = IMAGE_SIZE) -> Image.Image:
     """What the model sees in the blind check: the same canvas with nothing drawn on it."""
-    return _canvas()
+    return _canvas(size)
 
 
 def candidate_answers(task, right: str, rng: random.Random, n: int) -> tuple[list[str], str]:
@@ -159,7 +159,7 @@ def motion_frames(direction: str, rng: random.Random) -> list[Image.Image]:
     colour, y = COLOURS[rng.choice(sorted(COLOURS))], rng.randint(2, FRAME_SIZE - 16)
     frames = []
     for x in MOTION_STEPS if direction == "right" else MOTION_STEPS[::-1]:
-        frame = Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), (245, 245, 245))
+        frame = _canvas(FRAME_SIZE)
         ImageDraw.Draw(frame).rectangle((x, y, x + 13, y + 13), fill=colour)
         frames.append(frame)
     return frames
@@ -184,7 +184,7 @@ def write_motion_pairs(path: Path, n: int, seed: int) -> Path:
 
 
 def drawing(colour: str, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", (FRAME_SIZE, FRAME_SIZE), (245, 245, 245))
+    image = _canvas(FRAME_SIZE)
     x, y = rng.randint(18, 38), rng.randint(18, 38)
     ImageDraw.Draw(image).ellipse(_box(x, y, 14), fill=COLOURS[colour])
     return image
