@@ -1,4 +1,5 @@
-# Thin named commands. `make demo` and `make test` set everything up on a fresh machine (CPU, no network).
+# Thin named commands. `make demo` and `make test` set everything up on a fresh machine (CPU; the network only for the
+# pinned install from the package index).
 
 PYTHON ?= python3
 VENV := .venv
