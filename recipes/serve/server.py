@@ -224,8 +224,7 @@ class VideoDecoder:
     def __init__(self, images: ImageDecoder, renderer):
         self.images, self.renderer = images, renderer
         # frames are sized once, by the video budget, as the scorer sizes a video's frames
-        self.frames = ImageDecoder(None, images.max_pixels, lambda image: image)
-        self.frames.allowed_root = images.allowed_root
+        self.frames = ImageDecoder(images.allowed_root, images.max_pixels, lambda image: image)
 
     def __call__(self, reference, row: int, field: str, pixels_left: int) -> tuple[tuple, int]:
         """((frames sized for the model, fps), the pixels its sampled frames had), or a RowError."""
