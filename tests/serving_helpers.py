@@ -1,9 +1,7 @@
 """Reward models in the release layout, a real server on 127.0.0.1 and a tiny GRPO run, shared by the serving and RL
 tests."""
 
-import base64
 import dataclasses
-import io
 import random
 import socket
 import threading
@@ -56,12 +54,6 @@ def train_grpo(policy_dir: Path, reward, dataset, output_dir: Path) -> GRPOTrain
 def noise(width: int, height: int, seed: int) -> Image.Image:
     """Random pixels: no two images score alike by chance, and any resampling shows (a plain colour would hide it)."""
     return Image.frombytes("RGB", (width, height), random.Random(seed).randbytes(width * height * 3))
-
-
-def data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def free_port() -> int:

@@ -10,12 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_helpers import ServerThread, data_url, noise
+from serving_helpers import ServerThread, noise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer  # noqa: E402
+from recipes.serve.rl_rewards import image_data_url  # noqa: E402
 from recipes.serve.server import DynamicBatcher, Metrics, PromptImages, ServerArguments, build_app  # noqa: E402
 
 
@@ -150,7 +151,7 @@ def test_batches_stay_within_max_batch_tokens():
 
 def test_metrics_are_prometheus_text(vl_model, scorer):
     with ServerThread(build_app(scorer, ServerArguments(model_name_or_path=str(vl_model)))) as server:
-        row = {"images": [data_url(noise(56, 56, 3))], "prompt": "Colour?", "response": "red"}
+        row = {"images": [image_data_url(noise(56, 56, 3))], "prompt": "Colour?", "response": "red"}
         httpx.post(server.url + "/score", json={"rows": [row, row]}, timeout=60)
         httpx.post(server.url + "/score", json={"rows": "nope"}, timeout=60)
         response = httpx.get(server.url + "/metrics")

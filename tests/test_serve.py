@@ -21,13 +21,14 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
-from serving_helpers import ServerThread, data_url, free_port, write_reward_model
+from serving_helpers import ServerThread, free_port, write_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from heads import RewardScorer  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
+from recipes.serve.rl_rewards import image_data_url  # noqa: E402
 from recipes.serve.server import ServerArguments, build_app, chatml_messages  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "yellow"]
@@ -86,14 +87,14 @@ def test_score_rows_equal_the_in_process_scorer(server, scorer, image_root):
              for i, c in enumerate(COLOURS) for r in (c, "purple")]
     items.append({"images": [], "prompt": "Is 4 even?", "response": "yes"})
     expected = scorer.score(items)
-    rows = [dict(item, images=[data_url(im) for im in item["images"]]) for item in items]
+    rows = [dict(item, images=[image_data_url(im) for im in item["images"]]) for item in items]
     rows[0]["images"], rows[1]["images"] = ["red.png"], ["link_in.png"]  # paths under the allowed root (a link too)
     rewards = httpx.post(server.url + "/score", json={"rows": rows}, timeout=60).json()["rewards"]
     assert rewards == pytest.approx(expected, abs=1e-5)
     assert len(set(round(r, 4) for r in rewards)) > 4  # the rows really differ
 
     chat = [{"messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": row["images"][0] if i else data_url(image("red"))}},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": row["images"][0] if i else image_data_url(image("red"))}},
                                      {"type": "text", "text": row["prompt"]}]},
         {"role": "assistant", "content": row["response"]}]} for i, row in enumerate(rows[:-1])]
     rewards = httpx.post(server.url + "/score", json={"rows": chat}, timeout=60).json()["rewards"]
@@ -109,7 +110,7 @@ def test_get_reward_speaks_openrlhf_with_images(server, scorer):
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
          {"role": "assistant", "content": [{"type": "text", "text": item["response"]}]}], tokenize=False) for item in items]
     body = {"query": queries, "prompts": [prompt] * 4, "labels": [""] * 4,
-            "images": [[data_url(item["images"][0])] for item in items]}
+            "images": [[image_data_url(item["images"][0])] for item in items]}
     answer = httpx.post(server.url + "/get_reward", json=body, timeout=60).json()
     assert answer["rewards"] == pytest.approx(expected, abs=1e-5)
     assert answer["scores"] == answer["rewards"] and "extra_logs" in answer
@@ -131,10 +132,10 @@ def test_chatml_queries_become_messages():
 
 def bad_requests(image_root: Path) -> list:
     """(name, endpoint, body as bytes or JSON, expected status, expected row, expected field)."""
-    red = data_url(image("red"))
+    red = image_data_url(image("red"))
     ok = {"prompt": "Colour?", "response": "red", "images": [red]}
-    big = data_url(Image.new("RGB", (400, 400), "red"))
-    budget = data_url(Image.new("RGB", (300, 250), "red"))  # 75,000 pixels: two fit the request's budget, not three
+    big = image_data_url(Image.new("RGB", (400, 400), "red"))
+    budget = image_data_url(Image.new("RGB", (300, 250), "red"))  # 75,000 pixels: two fit the request's budget, not three
     outside = image_root.parent / "outside.png"
     chat = lambda text: {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "red"}]}  # noqa: E731
     return [
@@ -218,7 +219,7 @@ def test_bad_inputs_get_a_4xx_naming_row_and_field_and_the_server_keeps_serving(
             assert error["message"] and str(image_root) not in response.text and str(ROOT) not in response.text, name
             assert MESSAGES.get(name, "") in error["message"], (name, error)
         assert client.get("/health").json()["status"] == "ok"
-        good = client.post("/score", json={"rows": [{"prompt": "Colour?", "response": "red", "images": [data_url(image("red"))]}]})
+        good = client.post("/score", json={"rows": [{"prompt": "Colour?", "response": "red", "images": [image_data_url(image("red"))]}]})
         assert good.status_code == 200 and len(good.json()["rewards"]) == 1
         metrics = client.get("/metrics").text
     assert 'reward_server_requests_total{endpoint="/score",status="422"}' in metrics
@@ -237,7 +238,7 @@ def test_text_only_model_refuses_images_and_api_key_is_enforced(tiny_checkpoints
         assert all(client.get(path).status_code == 404 for path in ("/openapi.json", "/docs", "/redoc"))
         auth = {"authorization": "Bearer secret"}
         assert client.get("/health", headers=auth).json()["model"] == str(model)
-        refused = client.post("/score", json={"rows": [row, dict(row, images=[data_url(image("red"))])]}, headers=auth)
+        refused = client.post("/score", json={"rows": [row, dict(row, images=[image_data_url(image("red"))])]}, headers=auth)
         assert refused.status_code == 422
         assert (refused.json()["error"]["row"], refused.json()["error"]["field"]) == (1, "images")
         rewards = client.post("/score", json={"rows": [row]}, headers=auth).json()["rewards"]
@@ -251,7 +252,7 @@ def test_concurrent_clients_each_get_their_own_scores(server, scorer):
     catalogue = [{"images": [image(COLOURS[p % 4], p)], "prompt": prompts[p], "response": r}
                  for p in range(len(prompts)) for r in responses]
     expected = scorer.score(catalogue)
-    encoded = [dict(item, images=[data_url(item["images"][0])]) for item in catalogue]
+    encoded = [dict(item, images=[image_data_url(item["images"][0])]) for item in catalogue]
     before = metrics_value(server.url, "reward_server_batch_rows_count")
 
     def client(c: int) -> int:
@@ -422,7 +423,7 @@ def test_the_row_token_limit_counts_text_and_image_tokens_and_defaults_to_the_tr
         scorer, vl_model, tiny_checkpoints, tmp_path):
     row = {"images": [image("red", 3)], "prompt": "What colour is the shape?", "response": "red"}
     length = scorer.renderer([row])["input_ids"].shape[1]  # what the model would be given
-    body = {"rows": [dict(row, images=[data_url(row["images"][0])])]}
+    body = {"rows": [dict(row, images=[image_data_url(row["images"][0])])]}
     for limit, status in ((length, 200), (length - 1, 413)):
         args = ServerArguments(model_name_or_path=str(vl_model), max_row_tokens=limit)
         with ServerThread(build_app(scorer, args), args) as running:
@@ -559,7 +560,7 @@ def test_stress_good_clients_get_their_scores_amid_garbage_bombs_and_giant_rows(
     catalogue = [{"images": [image(COLOURS[i % 4], i)], "prompt": f"What colour is shape {i % 4}?", "response": r}
                  for i in range(8) for r in ("red", "blue")]
     expected = scorer.score(catalogue)
-    encoded = [dict(item, images=[data_url(item["images"][0])]) for item in catalogue]
+    encoded = [dict(item, images=[image_data_url(item["images"][0])]) for item in catalogue]
     frame = bomb_png(12000, 12000)  # 18 KB; 137 MiB decoded, 412 MiB in RGB
     bomb = {"rows": [dict(encoded[0], images=[bytes_url(frame)])]}
     ico = {"rows": [dict(encoded[0], images=[bytes_url(lying_ico(frame), "x-icon")])]}
