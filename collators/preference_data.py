@@ -9,13 +9,13 @@ Schema (one row = one pair), from a hub id or a local .jsonl / .json / .parquet 
     prompt    a string, or chat messages [{"role": "user", "content": ...}, ...]
     chosen    the preferred response: a string, or assistant messages
     rejected  the other response, same form
+    margin    optional float: the loss becomes -log sigmoid(r+ - r- - margin), as in TRL; finite and at most
+              `max_abs_margin` (100 by default) in size, else the row is a `bad_margin` drop
+    source    optional string, kept for reports
 Any turn, responses included, may hold image and video parts: `{"type": "image", "image": path}` /
 `{"type": "video", "video": path or [frames]}` carry their media inline; a bare `{"type": "image"}` / `{"type":
 "video"}` takes the next of `images` / `videos`, and those left over go first in the first user turn. A response's
 media belong to it alone: packed training encodes the prompt's media once and each response's in its branch.
-    margin    optional float: the loss becomes -log sigmoid(r+ - r- - margin), as in TRL; finite and at most
-              `max_abs_margin` (100 by default) in size, else the row is a `bad_margin` drop
-    source    optional string, kept for reports
 
 Every row is checked once, before training: images and videos decode (a bad one is a counted drop naming it), responses are non-empty and differ, and both
 rendered sequences fit `max_length` (a response is never cut: its last token is the one scored). Bad rows
@@ -307,7 +307,7 @@ def load_preference_mixture(
 ) -> tuple[Dataset, dict]:
     """Loads every source, checks each row, drops bad ones by policy, applies weights and concatenates.
 
-    Returns the mixed dataset (canonical columns: images, prompt, chosen, rejected, source[, margin])
+    Returns the mixed dataset (canonical columns: MEDIA_COLUMNS, prompt, chosen, rejected, source[, margin])
     and a report {source: {rows, kept, dropped: {reason: n}, examples: {reason: message}, dropped_rows: [...]}}, where
     dropped_rows lists every dropped row as {file, row, reason, message}.
     """
