@@ -2,7 +2,9 @@
 
 Everything else is TRL's: the loss -log sigmoid(r+ - r- [- margin]) (+ center_rewards_coefficient), the
 logged accuracy / margin / min-mean-max reward / num_tokens, and the Trainer features (bf16, gradient
-checkpointing and accumulation, report_to, push_to_hub, resume_from_checkpoint).
+checkpointing and accumulation, report_to, push_to_hub, resume_from_checkpoint). On top, it stops rather than
+train otherwise than asked: a launch that did not set up FSDP / DeepSpeed as configured (heads/sharding.py), a
+non-finite loss, a checkpoint to resume from that is cut short or damaged.
 """
 
 import logging
