@@ -221,6 +221,13 @@ def set_video_budget(processing_class, budget: VideoBudgetArguments) -> None:
         video_processor.size = type(size)(**merged)
 
 
+def video_source(video):
+    """A video as given: a datasets row's {"path", "frames"} becomes its frames, or its path when it has none."""
+    if isinstance(video, dict):
+        return video.get("frames") or video.get("path")
+    return video
+
+
 def read_video(source, fps: float, min_frames: int, max_frames: int, before_decoding=None) -> tuple[list, float]:
     """Frames of a video file (a path or a file object) sampled as qwen-vl-utils samples them (evenly, `fps` per
     second, within the frame budget), and the rate they were sampled at. `before_decoding(width, height, frames)`, given,
@@ -303,8 +310,7 @@ class ConversationRenderer:
         budget = self.video_budget
         if isinstance(video, tuple) and isinstance(video[0], torch.Tensor):  # loaded already
             return video
-        if isinstance(video, dict):
-            video = video.get("frames") or video.get("path")
+        video = video_source(video)
         if isinstance(video, (str, Path)):
             return self.load_frames(*read_video(video, budget["fps"], budget["min_frames"], budget["max_frames"]))
         if isinstance(video, (list, tuple)) and video:

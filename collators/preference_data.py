@@ -45,6 +45,7 @@ from .conversation import (
     VideoBudgetArguments,
     open_image,
     place_media,
+    video_source,
 )
 
 logger = logging.getLogger(__name__)
@@ -130,8 +131,7 @@ def _image_entry(image, base_dir: str | None) -> dict:
 
 def _video_entry(video, base_dir: str | None) -> dict:
     """A video as the dataset stores it: {"path": a video file, "frames": []} or {"path": None, "frames": [images]}."""
-    if isinstance(video, dict):
-        video = video.get("frames") or video.get("path")
+    video = video_source(video)
     if isinstance(video, (list, tuple)):
         return {"path": None, "frames": [_image_entry(frame, base_dir) for frame in video]}
     return {"path": _image_entry(video, base_dir)["path"], "frames": []}

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
 from collators import ConversationRenderer
-from collators.conversation import place_media
+from collators.conversation import place_media, video_source
 from collators.packed_pair_collator import pack_conversations, supports_packing, video_time_interval
 
 from .value_head import ValueHeadRewardModel
@@ -144,8 +144,7 @@ def _prompt_key(item: dict) -> str:
 
 
 def _video_key(video):
-    if isinstance(video, dict):  # datasets' form
-        video = video.get("frames") or video.get("path")
+    video = video_source(video)
     if isinstance(video, tuple) and isinstance(video[0], torch.Tensor):  # loaded already: (frames, fps)
         return f"loaded:{video[1]}:{tuple(video[0].shape)}:" + hashlib.sha1(video[0].numpy().tobytes()).hexdigest()
     if isinstance(video, (list, tuple)):
