@@ -38,6 +38,7 @@ from collators.packed_pair_collator import PAD, PROMPT, SHARED_PREFIX_FLEX, SHAR
 BLOCK_SIZE = 128  # FlexAttention's default sparse block
 # What --attn_implementation asks for -> what the language model runs.
 LANGUAGE_MODEL_ATTENTION = {"flex_attention": SHARED_PREFIX_FLEX, "flash_attention_2": SHARED_PREFIX_VARLEN}
+FLASH_ATTN_INSTALL = "pip install flash-attn==2.8.3.post2 --no-build-isolation"  # the version requirements.txt names
 
 
 def segments_from_padding(attention_mask: torch.Tensor | None, batch_size: int, length: int, device) -> torch.Tensor:
@@ -203,8 +204,7 @@ def varlen_kernel(device: torch.device):
     if device.type == "cpu":
         return varlen_attention_reference
     if importlib.util.find_spec("flash_attn") is None:
-        raise ImportError(f"{SHARED_PREFIX_VARLEN} on {device.type} needs flash-attn: "
-                          "pip install flash-attn==2.8.3.post2 --no-build-isolation")
+        raise ImportError(f"{SHARED_PREFIX_VARLEN} on {device.type} needs flash-attn: {FLASH_ATTN_INSTALL}")
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func
@@ -249,8 +249,7 @@ def load_attention(requested: str | None, config) -> str | dict | None:
     if language not in (SHARED_PREFIX_FLEX, SHARED_PREFIX_VARLEN):
         return requested
     if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ImportError("--attn_implementation flash_attention_2 needs flash-attn (GPU): "
-                          "pip install flash-attn==2.8.3.post2 --no-build-isolation")
+        raise ImportError(f"--attn_implementation flash_attention_2 needs flash-attn (GPU): {FLASH_ATTN_INSTALL}")
     if "text_config" not in config.sub_configs:
         return language
     vision = "flash_attention_2" if requested == "flash_attention_2" else "sdpa"
