@@ -39,9 +39,10 @@ def shared_prefix_length(*rows: list[int]) -> int:
 
 
 def mrope_positions(ids: list[int], vision: dict, merge_size: int, start: int = 0) -> tuple[torch.Tensor, int]:
-    """[3, len(ids)] (temporal, height, width) positions as Qwen-VL's get_rope_index gives them from `start` on,
-    and the next free position. `vision` maps each vision token id (image, video) to an iterator over its runs:
-    one ((t, h, w) patch grid, temporal interval) per run of that token, in order."""
+    """[3, len(ids)] (temporal, height, width) positions as Qwen's get_rope_index gives them from `start` on, and
+    the next free position. `vision` maps each vision token id (image, video) to an iterator over its runs: one
+    ((t, h, w) patch grid, temporal interval) per run of that token, in order. (heads/positions.py gives the models
+    the same rule through token types: `ids` may be any keys.)"""
     parts, position = [], start
     for token, run in groupby(ids, key=lambda token: token if token in vision else None):
         n = len(list(run))
@@ -54,7 +55,9 @@ def mrope_positions(ids: list[int], vision: dict, merge_size: int, start: int = 
         grid = torch.stack(torch.meshgrid((torch.arange(t) * interval).long(), torch.arange(h), torch.arange(w),
                                           indexing="ij"))
         parts.append(grid.reshape(3, -1) + position)
-        position += max(h, w)  # the text after an image or video starts past its largest side, not its token count
+        # The text after an image or video starts at its largest position + 1 (not its token count): past its largest
+        # side for an image, past its last temporal position too for a video (Qwen's code and vLLM; heads/positions.py).
+        position = int(parts[-1].max()) + 1
     empty = torch.zeros(3, 0, dtype=torch.long)
     return torch.cat(parts, dim=1) if parts else empty, position
 

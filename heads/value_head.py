@@ -30,6 +30,7 @@ from transformers.utils import cached_file
 from .attention import load_attention
 from .lora import ADAPTER_DIR, is_lora, merged_base_state, unwrap_lora
 from .packing import shared_prompt_rewards
+from .positions import use_qwen_vision_positions
 from .sharding import vision_tower_before_language_model, vision_tower_must_run
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -182,6 +183,7 @@ class ValueHeadRewardModel(nn.Module):
 
     def __init__(self, pretrained_model: nn.Module):
         super().__init__()
+        use_qwen_vision_positions(pretrained_model)  # the text after a video where Qwen and vLLM put it
         self.pretrained_model = pretrained_model
         self.config = pretrained_model.config
         self.config.num_labels = 1  # one scalar per sequence, as TRL's RewardTrainer checks

@@ -98,6 +98,35 @@ def test_media_rows_equal_along_every_path(model_and_processor):
         torch.testing.assert_close(torch.tensor(scored), expected[order], **TOLERANCE)
 
 
+@torch.no_grad()
+def test_text_after_a_video_starts_at_its_largest_position_plus_one(model_and_processor):
+    """Qwen's rule, as vLLM and Qwen's code place it (heads/positions.py), not transformers 5.x's (the video's start +
+    max(h, w) / merge): the same positions up to the end of the video, then the text one past the video's largest
+    position. The rules differ wherever a video reaches further in time than in space: every video of two or more
+    temporal patches in Qwen2.5-VL (tokens_per_second apart), only the 3-patch one (6 frames) in Qwen2-VL (1 apart)."""
+    model, processor = model_and_processor
+    batch = PairCollator(processor)(pairs())
+    inputs = {key: batch[key] for key in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw",
+                                          "second_per_grid_ts", "attention_mask") if key in batch}
+    ours, deltas = model.backbone.get_rope_index(batch["input_ids"], **inputs)
+    theirs, transformers_deltas = type(model.backbone).get_rope_index(model.backbone, batch["input_ids"], **inputs)
+    rows_that_differ = 0
+    for row in range(batch["input_ids"].shape[0]):
+        real = batch["attention_mask"][row].bool()
+        positions, transformers_positions = ours[:, row, real], theirs[:, row, real]
+        video = (batch["mm_token_type_ids"][row][real] == 2).nonzero().flatten()
+        if len(video) == 0:  # images: both rules agree
+            torch.testing.assert_close(positions, transformers_positions)
+            assert deltas[row] == transformers_deltas[row]
+            continue
+        after = int(video[-1]) + 1
+        torch.testing.assert_close(positions[:, :after], transformers_positions[:, :after])
+        assert positions[:, after].tolist() == [int(positions[:, video].max()) + 1] * 3
+        assert deltas[row].item() == int(positions.max()) + 1 - positions.shape[1]  # where generation goes on
+        rows_that_differ += bool(positions[0, after] != transformers_positions[0, after])
+    assert rows_that_differ == {"qwen2_5_vl": 4, "qwen2_vl": 2}[model.config.model_type]  # rows: each side
+
+
 def write_rows(tmp_path) -> str:
     """A jsonl file in the schema: a video file, a frame list, images inside the responses, and two bad videos."""
     for name, image in [("red.png", picture("red")), ("blue.png", picture("blue"))]:

