@@ -2,15 +2,18 @@
 
 Input, one JSON object per line:
     image       a path (relative to the input file) or null; `images`, a list of paths, for several
+    videos      optional: a list of videos, each a video file or a list of frame paths (relative to the input file)
     prompt      a string, or chat messages
     response    one response (string or assistant messages)  -> the output line adds `score`
     responses   a list of candidates                          -> adds `scores`, `best_index` and `best`
-Every line is checked before any scoring, as the training data is (prompt and responses are strings or chat
-messages, not empty; images a list of existing files); an error names the line (1-based, as editors count).
+Any turn, responses included, may hold image and video parts with their media inline (paths relative to the input
+file), as the training data may. Every line is checked before any scoring, as the training data is (prompt and
+responses are strings or chat messages, not empty; media existing files, one for each placeholder); an error names the
+line (1-based, as editors count).
 Output: the input lines, in order, with those fields added. Rewards come from the forward pass of training
 (`RewardScorer`), in batches of similar length; bf16 on GPU; the pixel budget the model was trained with. Scores
 are kept as they are made (in <output>.progress.jsonl), each under a hash of its line's content (text, and images
-by their bytes): an interrupted run, or one stopped by a bad line, resumes when rerun, even on an input edited,
+and videos by their bytes): an interrupted run, or one stopped by a bad line, resumes when rerun, even on an input edited,
 reordered or grown since (only new or changed lines are scored). What produced them (model, weights fingerprint,
 settings) is written to <output>.provenance.json.
 Under `torchrun --nproc_per_node N` (or `accelerate launch`) every process scores a share of the lines.
@@ -31,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from trl import TrlParser
 
 from collators import open_image, to_messages
+from collators.conversation import place_media
 from collators.preference_data import is_empty, message_problem
 from recipes.eval.benchmark import ScorerArguments, load_scorer
-from recipes.shared.images import image_digest, resolve_image
+from recipes.shared.images import image_digest, resolve_image, resolve_video, video_digest
 from recipes.shared.resumable import content_key, process_state, provenance_file, score_resumably
 
 logger = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ LINES_PER_WRITE = 32  # an interruption loses at most this many scored lines
 
 @dataclass(kw_only=True)
 class ScoreFileArguments(ScorerArguments):
-    input: str = field(metadata={"help": "jsonl: image(s), prompt and response or responses per line."})
+    input: str = field(metadata={"help": "jsonl: image(s), videos, prompt and response or responses per line."})
     output: str = field(metadata={"help": "jsonl: the input lines with score, or scores / best_index / best."})
     overwrite: bool = field(default=False, metadata={
         "help": "Discard the progress of an interrupted run that another model or other settings made."})
@@ -57,6 +61,14 @@ def line_images(line: dict, base_dir: str, where: str) -> list:
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise ValueError(f"{where}: `image` must be a path or null, `images` a list of paths; got {images!r:.80}")
     return [resolve_image(image, base_dir, where) for image in images]
+
+
+def line_videos(line: dict, base_dir: str, where: str) -> list:
+    videos = line.get("videos") or []
+    if not isinstance(videos, list):
+        raise ValueError(f"{where}: `videos` must be a list of videos (a file or a list of frames each); "
+                         f"got {videos!r:.80}")
+    return [resolve_video(video, base_dir, where) for video in videos]
 
 
 def line_responses(line: dict, where: str) -> list:
@@ -83,12 +95,23 @@ def read_line(line, base_dir: str, where: str) -> dict:
         problem = message_problem(value)
         if problem:
             raise ValueError(f"{where}: `{name}`: {problem}")
-    images = line_images(line, base_dir, where)
+    images, videos = line_images(line, base_dir, where), line_videos(line, base_dir, where)
+    items = []  # one row per response: its media in placeholder order, inline ones resolved like the given ones
+    for name, value, _ in named[1:]:
+        try:
+            placed = place_media(line["prompt"], value, images, videos)
+        except ValueError as error:
+            raise ValueError(f"{where}: `{name}`: {error}") from None
+        items.append({"images": [resolve_image(image, base_dir, where) for image in placed.images],
+                      "videos": [resolve_video(video, base_dir, where) for video in placed.videos],
+                      "prompt": placed.prompt, "response": placed.response})
     for name, value, role in named:
-        if is_empty(to_messages(value, role)) and not (name == "prompt" and images):
+        if is_empty(to_messages(value, role)) and not (name == "prompt" and (images or videos)):
             raise ValueError(f"{where}: `{name}` is empty (no text{' and no image' if name == 'prompt' else ''})")
-    key = content_key(prompt=line["prompt"], responses=responses, images=[image_digest(image) for image in images])
-    return {"key": key, "where": where, "images": images, "prompt": line["prompt"], "responses": responses}
+    key = content_key(prompt=line["prompt"], responses=responses,
+                      media=[[[image_digest(image) for image in item["images"]],
+                              [video_digest(video) for video in item["videos"]]] for item in items])
+    return {"key": key, "where": where, "items": items}
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -103,9 +126,17 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return lines
 
 
-def check_images(work: dict, renderer) -> None:
-    """Decodes and resizes a line's images as the scorer does, to name the line whose image it could not use."""
-    for image in work["images"]:
+def check_media(work: dict, renderer) -> None:
+    """Decodes and resizes a line's images and videos as the scorer does, to name the line whose medium it could not
+    use."""
+    for video in (video for item in work["items"] for video in item["videos"]):
+        name = video if isinstance(video, str) else "a frame list"
+        try:
+            renderer.load_video(video)
+        except Exception as error:  # PyAV, PIL and qwen-vl-utils raise several types
+            raise ValueError(f"{work['where']}: video {name} cannot be read or sampled ({type(error).__name__}: "
+                             f"{error}); fix or remove the line, then rerun: the lines scored so far are kept") from error
+    for image in (image for item in work["items"] for image in item["images"]):
         name = image if isinstance(image, str) else "bytes"
         try:
             decoded = open_image(image)
@@ -121,18 +152,16 @@ def check_images(work: dict, renderer) -> None:
 
 
 def score_lines(scorer, works: list[dict]) -> list[dict]:
-    items = [{"images": work["images"], "prompt": work["prompt"], "response": response}
-             for work in works for response in work["responses"]]
     try:
-        scores = scorer.score(items)
+        scores = scorer.score([item for work in works for item in work["items"]])
     except Exception:
-        for work in works:  # the images are decoded again only to say which line failed
-            check_images(work, scorer.renderer)
+        for work in works:  # the media are decoded again only to say which line failed
+            check_media(work, scorer.renderer)
         raise
     records, start = [], 0
     for work in works:
-        records.append({"key": work["key"], "scores": scores[start:start + len(work["responses"])]})
-        start += len(work["responses"])
+        records.append({"key": work["key"], "scores": scores[start:start + len(work["items"])]})
+        start += len(work["items"])
     return records
 
 

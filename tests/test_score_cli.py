@@ -164,3 +164,104 @@ def test_invalid_json_is_named(tmp_path):
     path.write_text('{"prompt": "q", "response": "a"}\n\n{"prompt": \n')
     with pytest.raises(ValueError, match=r"in.jsonl line 3: not valid JSON"):
         score_cli.main(score_cli.ScoreFileArguments(input=str(path), output=str(tmp_path / "out.jsonl")))
+
+
+def write_media_requests(directory: Path) -> Path:
+    """A video file, a frame list and responses that hold images, all named relative to the input file."""
+    from test_media import moving_square, write_video
+
+    (directory / "media").mkdir()
+    write_video(directory / "media" / "clip.mp4", moving_square("right", frames=8))
+    for t, frame in enumerate(moving_square("left")):
+        frame.save(directory / "media" / f"f{t}.png")
+    frames = [f"media/f{t}.png" for t in range(4)]
+    drawing = [[{"role": "assistant", "content": [{"type": "text", "text": "Here."},
+                                                  {"type": "image", "image": f"images/{colour}.png"}]}]
+               for colour in ("red", "blue")]
+    requests = [
+        {"videos": ["media/clip.mp4"], "prompt": "Where does the shape move?", "responses": ["left", "right"]},
+        {"videos": [frames], "prompt": [{"role": "user", "content": [{"type": "text", "text": "Where to?"},
+                                                                     {"type": "video"}]}], "response": "left"},
+        {"prompt": "Draw a red circle.", "responses": drawing},
+    ]
+    path = directory / "media_requests.jsonl"
+    path.write_text("".join(json.dumps(request) + "\n" for request in requests))
+    return path
+
+
+def test_videos_and_images_inside_responses_are_scored_with_their_media(release_layout, images):
+    directory, _ = release_layout
+    requests, output = write_media_requests(images), images / "scored.jsonl"
+    score_cli.main(score_cli.ScoreFileArguments(model_name_or_path=str(directory), input=str(requests),
+                                                output=str(output), batch_size=4))
+    clip, drawn = [json.loads(line) for line in output.read_text().splitlines()][0::2]
+    frames = json.loads(output.read_text().splitlines()[1])
+    media = images / "media"
+    scorer = RewardScorer.from_pretrained(str(directory))
+    video_items = [{"images": [], "videos": [str(media / "clip.mp4")], "prompt": clip["prompt"], "response": r}
+                   for r in clip["responses"]]
+    expected = scorer.score(video_items)
+    assert clip["scores"] == pytest.approx(expected, abs=1e-5)
+    # the video counts: without it the same text scores otherwise
+    without = scorer.score([dict(item, videos=[]) for item in video_items])
+    assert max(abs(a - b) for a, b in zip(expected, without)) > 1e-3
+    frame_list = [str(media / f"f{t}.png") for t in range(4)]
+    assert frames["score"] == pytest.approx(scorer.score([{"images": [], "videos": [frame_list],
+                                                           "prompt": frames["prompt"], "response": "left"}])[0], abs=1e-5)
+    inline = [[{"role": "assistant", "content": [{"type": "text", "text": "Here."},
+                                                 {"type": "image", "image": str(images / "images" / f"{c}.png")}]}]
+              for c in ("red", "blue")]
+    expected = scorer.score([{"images": [], "prompt": drawn["prompt"], "response": r} for r in inline])
+    assert drawn["scores"] == pytest.approx(expected, abs=1e-5) and abs(expected[0] - expected[1]) > 1e-4
+
+
+def test_a_line_is_keyed_by_the_bytes_of_every_medium(images):
+    """Resumed progress is keyed by content: a video frame or a response's image replaced under its old name makes
+    the line new."""
+    requests = write_media_requests(images)
+    lines = [json.loads(line) for line in requests.read_text().splitlines()]
+
+    def keys():
+        return [score_cli.read_line(line, str(images), f"line {i}")["key"] for i, line in enumerate(lines, start=1)]
+
+    before = keys()
+    assert len(set(before)) == 3
+    PILImage.new("RGB", (56, 56), "white").save(images / "media" / "f2.png")
+    after_frame = keys()
+    assert after_frame[1] != before[1] and after_frame[0::2] == before[0::2]
+    PILImage.new("RGB", (80, 60), "green").save(images / "images" / "blue.png")
+    after_image = keys()
+    assert after_image[2] != after_frame[2] and after_image[:2] == after_frame[:2]
+    (images / "media" / "clip.mp4").write_bytes((images / "media" / "clip.mp4").read_bytes() + b"\0")
+    assert keys()[0] != before[0]
+
+
+BAD_MEDIA_LINES = [
+    ({"prompt": "q", "videos": "media/clip.mp4", "response": "a"}, r"line 2: `videos` must be a list of videos"),
+    ({"prompt": "q", "videos": [[]], "response": "a"}, r"line 2: a video is a file path or a non-empty list"),
+    ({"prompt": "q", "videos": [["media/none.png"]], "response": "a"}, r"line 2: frame file .*none.png does not exist"),
+    ({"prompt": "q", "videos": ["media/none.mp4"], "response": "a"}, r"line 2: video file .*none.mp4 does not exist"),
+    ({"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "q"}]}], "response": "a"},
+     r"line 2: `response`: 1 video placeholders without their own video but 0 videos given"),
+    ({"prompt": "q", "responses": ["a", [{"role": "assistant", "content": [{"type": "image", "image": "none.png"}]}]]},
+     r"line 2: image file .*none.png does not exist"),
+]
+
+
+@pytest.mark.parametrize("line, error", BAD_MEDIA_LINES)
+def test_bad_media_are_named_before_any_scoring(images, line, error):
+    path = images / "in.jsonl"
+    path.write_text(json.dumps({"image": "images/red.png", "prompt": "q", "response": "a"}) + "\n" + json.dumps(line))
+    with pytest.raises((ValueError, FileNotFoundError), match=error):  # no model: checked before one would load
+        score_cli.main(score_cli.ScoreFileArguments(input=str(path), output=str(images / "out.jsonl")))
+
+
+def test_an_undecodable_video_is_named(release_layout, images):
+    directory, _ = release_layout
+    (images / "broken.mp4").write_bytes(b"not a video" * 100)
+    path = images / "in.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n"
+                    + json.dumps({"videos": ["broken.mp4"], "prompt": "q", "response": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"in.jsonl line 2: video .*broken.mp4 cannot be read or sampled"):
+        score_cli.main(score_cli.ScoreFileArguments(model_name_or_path=str(directory), input=str(path),
+                                                    output=str(images / "out.jsonl")))
