@@ -260,6 +260,14 @@ def read_video(source, fps: float, min_frames: int, max_frames: int, before_deco
     return frames, count / total * rate
 
 
+def frames_within_image_limit(width: int, height: int, count: int) -> None:
+    """A video's frames are held to an image's decompression-bomb limit (PIL's `Image.MAX_IMAGE_PIXELS`), read from
+    the video's header before any frame is decoded."""
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"video frames of {width}x{height} pixels exceed the image limit of {Image.MAX_IMAGE_PIXELS} "
+                         "pixels (PIL.Image.MAX_IMAGE_PIXELS)")
+
+
 class ConversationRenderer:
     """Turns (images, videos, prompt, response) items into one right-padded batch for the reward model.
 
@@ -312,13 +320,14 @@ class ConversationRenderer:
             return video
         video = video_source(video)
         if isinstance(video, (str, Path)):
-            return self.load_frames(*read_video(video, budget["fps"], budget["min_frames"], budget["max_frames"]))
+            return self.load_frames(*read_video(video, budget["fps"], budget["min_frames"], budget["max_frames"],
+                                                frames_within_image_limit))
         if isinstance(video, (list, tuple)) and video:
-            frames = [open_image(frame) for frame in video]
-            if len(frames) > budget["max_frames"]:  # evenly, as a video file is sampled
+            frames = list(video)
+            if len(frames) > budget["max_frames"]:  # evenly, as a video file is sampled; before any frame is opened
                 keep = torch.linspace(0, len(frames) - 1, budget["max_frames"] // 2 * 2).round().long().tolist()
                 frames = [frames[i] for i in keep]
-            return self.load_frames(frames, budget["fps"])
+            return self.load_frames([open_image(frame) for frame in frames], budget["fps"])
         raise ValueError(f"a video is a file path or a non-empty list of frames, got {type(video).__name__}")
 
     def load_frames(self, frames: list[Image.Image], fps: float) -> tuple[torch.Tensor, float]:

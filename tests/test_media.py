@@ -194,6 +194,28 @@ def test_video_file_is_sampled_at_the_budget_fps(processor, tmp_path):
     assert batch["second_per_grid_ts"].tolist() == [pytest.approx(2 / 4.0)]
 
 
+def test_video_frames_meet_the_image_limit_and_the_frame_budget_before_decoding(processor, tmp_path, monkeypatch):
+    """A video file's frame size is checked against PIL's image limit from its header; a frame list is cut to the
+    frame budget before any frame is opened (the frames left out here are not images at all)."""
+    from collators import ConversationRenderer, set_video_budget
+    from collators.conversation import VideoBudgetArguments
+
+    path = write_video(tmp_path / "clip.mp4", moving_square("right"))  # 56 x 56
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 56 * 56 - 1)
+    with pytest.raises(ValueError, match="video frames of 56x56 pixels exceed the image limit of 3135"):
+        ConversationRenderer(processor).load_video(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 56 * 56)
+    assert ConversationRenderer(processor).load_video(path)[0].shape[0] == 4
+
+    set_video_budget(processor, VideoBudgetArguments(video_max_frames=4))
+    (tmp_path / "not_an_image.png").write_bytes(b"not an image")
+    frames = [str(tmp_path / "not_an_image.png")] * 8
+    for t, frame in zip((0, 2, 5, 7), moving_square("left")):  # what 4 frames of 8, taken evenly, keep
+        frame.save(tmp_path / f"f{t}.png")
+        frames[t] = str(tmp_path / f"f{t}.png")
+    assert ConversationRenderer(processor).load_video(frames)[0].shape[0] == 4
+
+
 def png_url(image: Image.Image) -> str:
     from recipes.serve.rl_rewards import image_data_url
 
