@@ -19,6 +19,7 @@ pairs in outputs/demo/mpo_data and the policy in outputs/demo/mpo.
 """
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -149,9 +150,36 @@ def run_mpo() -> dict:
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+TINY_MODEL = {"family": "qwen2_5_vl", "hidden_size": 128, "num_layers": 4}
+
+
+def settings(overrides: list[str]) -> dict:
+    """What the numbers were measured with: the model, the flags, the packages and the machine."""
+    import torch
+    import transformers
+    import trl
+
+    return {"model": dict(TINY_MODEL, parameters=parameter_count(OUT / "tiny-qwen2_5_vl")),
+            "stage_configs": [f"recipes/demo/{stage}.yaml" for stage in ("stage1", "stage2")],
+            "flags": overrides, "torch": torch.__version__, "transformers": transformers.__version__,
+            "trl": trl.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def parameter_count(directory: Path) -> int:
+    from safetensors import safe_open
+
+    count = 0
+    for file in directory.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as weights:
+            count += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    return count
+
+
 def main() -> None:
-    start = time.perf_counter()
-    save_tiny_model("qwen2_5_vl", OUT / "tiny-qwen2_5_vl", hidden_size=128, num_layers=4)
+    start, load_before = time.perf_counter(), os.getloadavg()
+    save_tiny_model(TINY_MODEL["family"], OUT / "tiny-qwen2_5_vl", hidden_size=TINY_MODEL["hidden_size"],
+                    num_layers=TINY_MODEL["num_layers"])
     write_image_pairs(DATA / "stage1.jsonl", SIZES["stage1"], seed=1)
     write_text_pairs(DATA / "stage2_text.jsonl", SIZES["stage2_text"], seed=2)
     write_image_pairs(DATA / "heldout.jsonl", SIZES["heldout"], seed=3)
@@ -167,7 +195,10 @@ def main() -> None:
     run_stage("stage2", overrides)
     report = evaluate(OUT / "stage2")
     mpo = run_mpo()
-    report.update(stage1=stage1, mpo=mpo, pairs=SIZES, seconds=round(time.perf_counter() - start, 1))
+    report.update(stage1=stage1, mpo=mpo, pairs=SIZES, seconds=round(time.perf_counter() - start, 1),
+                  settings=settings(overrides),
+                  # other jobs on the machine slow the run: its 1-minute load average at the start and at the end
+                  load_average={"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)})
     (OUT / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
     summary = "\n".join([
