@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 from trl import ModelConfig, RewardConfig, TrlParser
 
-from collators import PreferenceDataArguments, load_preference_mixture
+from collators import PreferenceDataArguments, load_preference_mixture, to_messages
 from collators.preference_data import BadRowError
 from heads import RewardModelArguments, RewardScorer, ValueHeadRewardModel, resume_checkpoint
 from heads.scoring import weights_fingerprint
@@ -267,7 +267,8 @@ def test_score_cli_resume_gives_every_line_its_own_scores(models, data_dir, monk
                         or original(self, items))
     scored.clear()
     result = score_cli.main(args)
-    assert list(dict.fromkeys(item["prompt"] for item in scored)) == rescored
+    # score.py hands the scorer canonical messages (placeholders with their media): the prompt's text names the line
+    assert list(dict.fromkeys(to_messages(item["prompt"], "user")[-1]["content"][-1]["text"] for item in scored)) == rescored
     fresh = original(RewardScorer.from_pretrained(str(models[0])), [
         {"images": [str(data_dir / line["image"])], "prompt": line["prompt"], "response": response}
         for line in lines for response in line["responses"]])
