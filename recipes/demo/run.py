@@ -129,10 +129,12 @@ def run_mpo() -> dict:
     start = time.perf_counter()
     write_mpo_prompts(DATA / "mpo_prompts.jsonl", SIZES["mpo_prompts"], seed=5)
     write_image_pairs(DATA / "mpo_heldout.jsonl", SIZES["mpo_heldout"], seed=6)
-    # No --require_correct: the reward model alone decides, and the ground truth only measures its pairs.
+    # No --require_correct: the reward model alone decides, and the ground truth only measures its pairs. Every run
+    # trains a new reward model, so the scores an earlier run left are discarded (--overwrite), not refused.
     run_script("recipes/mpo/build_mpo_data.py", [
         "--input", str(DATA / "mpo_prompts.jsonl"), "--reward_model", str(OUT / "stage2"),
-        "--output_dir", str(OUT / "mpo_data"), "--require_correct", "false", "--batch_size", "64"])
+        "--output_dir", str(OUT / "mpo_data"), "--require_correct", "false", "--batch_size", "64",
+        "--overwrite", "true"])
     data = json.loads((OUT / "mpo_data" / "report.json").read_text())
     heldout = preference_pairs(DATA / "mpo_heldout.jsonl")
     before = policy_preference(OUT / "tiny-qwen2_5_vl", heldout)
