@@ -147,6 +147,15 @@ BAD_LINES = [  # line 2 of the input -> the error, which names it; each was a ra
     ({"prompt": "q", "image": "images/red.png", "images": [], "response": "a"}, "line 2: give `image` or `images`"),
     ({"prompt": "q", "image": "images/none.png", "response": "a"}, r"line 2: image file .*none.png does not exist"),
     (["q", "a"], "line 2: expected a JSON object, got list"),
+    # videos, and media inside the turns
+    ({"prompt": "q", "videos": "media/clip.mp4", "response": "a"}, r"line 2: `videos` must be a list of videos"),
+    ({"prompt": "q", "videos": [[]], "response": "a"}, r"line 2: a video is a file path or a non-empty list"),
+    ({"prompt": "q", "videos": [["media/none.png"]], "response": "a"}, r"line 2: frame file .*none.png does not exist"),
+    ({"prompt": "q", "videos": ["media/none.mp4"], "response": "a"}, r"line 2: video file .*none.mp4 does not exist"),
+    ({"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "q"}]}], "response": "a"},
+     r"line 2: `response`: 1 video placeholders without their own video but 0 videos given"),
+    ({"prompt": "q", "responses": ["a", [{"role": "assistant", "content": [{"type": "image", "image": "none.png"}]}]]},
+     r"line 2: image file .*none.png does not exist"),
 ]
 
 
@@ -234,26 +243,6 @@ def test_a_line_is_keyed_by_the_bytes_of_every_medium(images):
     assert after_image[2] != after_frame[2] and after_image[:2] == after_frame[:2]
     (images / "media" / "clip.mp4").write_bytes((images / "media" / "clip.mp4").read_bytes() + b"\0")
     assert keys()[0] != before[0]
-
-
-BAD_MEDIA_LINES = [
-    ({"prompt": "q", "videos": "media/clip.mp4", "response": "a"}, r"line 2: `videos` must be a list of videos"),
-    ({"prompt": "q", "videos": [[]], "response": "a"}, r"line 2: a video is a file path or a non-empty list"),
-    ({"prompt": "q", "videos": [["media/none.png"]], "response": "a"}, r"line 2: frame file .*none.png does not exist"),
-    ({"prompt": "q", "videos": ["media/none.mp4"], "response": "a"}, r"line 2: video file .*none.mp4 does not exist"),
-    ({"prompt": [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "q"}]}], "response": "a"},
-     r"line 2: `response`: 1 video placeholders without their own video but 0 videos given"),
-    ({"prompt": "q", "responses": ["a", [{"role": "assistant", "content": [{"type": "image", "image": "none.png"}]}]]},
-     r"line 2: image file .*none.png does not exist"),
-]
-
-
-@pytest.mark.parametrize("line, error", BAD_MEDIA_LINES)
-def test_bad_media_are_named_before_any_scoring(images, line, error):
-    path = images / "in.jsonl"
-    path.write_text(json.dumps({"image": "images/red.png", "prompt": "q", "response": "a"}) + "\n" + json.dumps(line))
-    with pytest.raises((ValueError, FileNotFoundError), match=error):  # no model: checked before one would load
-        score_cli.main(score_cli.ScoreFileArguments(input=str(path), output=str(images / "out.jsonl")))
 
 
 def test_an_undecodable_video_is_named(release_layout, images):
