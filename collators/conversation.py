@@ -362,7 +362,14 @@ class ConversationRenderer:
             kwargs["video_metadata"] = [{"fps": fps, "total_num_frames": len(frames),
                                          "frames_indices": list(range(len(frames)))} for frames, fps in loaded]
             kwargs["do_sample_frames"] = False
+            kwargs.update(self.frames_sized_already)
         return kwargs
+
+    @property
+    def frames_sized_already(self) -> dict:
+        """The video processor's keyword that keeps frames as load_video sized them: qwen-vl-utils already held the
+        video to its total pixel budget (transformers' `cap_pixels_per_frame`, which warns when not given)."""
+        return {"cap_pixels_per_frame": False} if hasattr(self.video_processor, "cap_pixels_per_frame") else {}
 
     def __call__(self, items: list[dict]) -> dict:
         """items: dicts with `images` and optionally `videos` (lists, may be empty), `prompt` and `response`."""

@@ -182,7 +182,8 @@ def pack_conversations(renderer: ConversationRenderer, groups: list[list[dict]],
     if videos:
         inputs = renderer.vision_inputs([], videos)
         vision.update(renderer.video_processor(videos=inputs["videos"], video_metadata=inputs["video_metadata"],
-                                               do_sample_frames=False, return_tensors="pt"))
+                                               do_sample_frames=False, return_tensors="pt",
+                                               **renderer.frames_sized_already))
         patch = renderer.video_processor.temporal_patch_size
         intervals = [video_interval(patch / metadata["fps"]) for metadata in inputs["video_metadata"]]
     # The processor's rule: an image or a video becomes grid_t * grid_h * grid_w / merge_size**2 placeholder tokens.
