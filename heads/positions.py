@@ -38,7 +38,8 @@ def qwen_rope_index(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tens
     position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=input_ids.device)
     deltas = []
     for row, types_of_row in enumerate(mm_token_type_ids):
-        real = attention_mask[row].bool() if attention_mask is not None else torch.ones_like(types_of_row, dtype=torch.bool)
+        real = (attention_mask[row].bool() if attention_mask is not None
+                else torch.ones_like(types_of_row, dtype=torch.bool))
         positions, _ = mrope_positions(types_of_row[real].tolist(), vision, merge_size)
         position_ids[:, row, real] = positions.to(position_ids)
         deltas.append(int(positions.max()) + 1 - positions.shape[1])

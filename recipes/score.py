@@ -13,8 +13,8 @@ line (1-based, as editors count).
 Output: the input lines, in order, with those fields added. Rewards come from the forward pass of training
 (`RewardScorer`), in batches of similar length; bf16 on GPU; the pixel budget the model was trained with. Scores
 are kept as they are made (in <output>.progress.jsonl), each under a hash of its line's content (text, and images
-and videos by their bytes): an interrupted run, or one stopped by a bad line, resumes when rerun, even on an input edited,
-reordered or grown since (only new or changed lines are scored). What produced them (model, weights fingerprint,
+and videos by their bytes): an interrupted run, or one stopped by a bad line, resumes when rerun, even on an input
+edited, reordered or grown since (only new or changed lines are scored). What produced them (model, weights fingerprint,
 settings) is written to <output>.provenance.json.
 Under `torchrun --nproc_per_node N` (or `accelerate launch`) every process scores a share of the lines.
 
@@ -130,7 +130,7 @@ def check_media(work: dict, renderer) -> None:
     """Decodes and resizes a line's images and videos as the scorer does, to name the line whose medium it could not
     use."""
     for video in (video for item in work["items"] for video in item["videos"]):
-        name = video if isinstance(video, str) else "a frame list"
+        name = video if isinstance(video, str) else f"(a list of {len(video)} frames)"
         try:
             renderer.load_video(video)
         except Exception as error:  # PyAV, PIL and qwen-vl-utils raise several types
