@@ -52,7 +52,7 @@ class ScoreFileArguments(ScorerArguments):
         "help": "Discard the progress of an interrupted run that another model or other settings made."})
 
 
-def line_images(line: dict, base_dir: str, where: str) -> list:
+def line_images(line: dict, where: str) -> list:
     if "image" in line and "images" in line:
         raise ValueError(f"{where}: give `image` or `images`, not both")
     images = line.get("images")
@@ -60,15 +60,15 @@ def line_images(line: dict, base_dir: str, where: str) -> list:
         images = [] if line.get("image") is None else [line["image"]]
     if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
         raise ValueError(f"{where}: `image` must be a path or null, `images` a list of paths; got {images!r:.80}")
-    return [resolve_image(image, base_dir, where) for image in images]
+    return images
 
 
-def line_videos(line: dict, base_dir: str, where: str) -> list:
+def line_videos(line: dict, where: str) -> list:
     videos = line.get("videos") or []
     if not isinstance(videos, list):
         raise ValueError(f"{where}: `videos` must be a list of videos (a file or a list of frames each); "
                          f"got {videos!r:.80}")
-    return [resolve_video(video, base_dir, where) for video in videos]
+    return videos
 
 
 def line_responses(line: dict, where: str) -> list:
@@ -95,22 +95,31 @@ def read_line(line, base_dir: str, where: str) -> dict:
         problem = message_problem(value)
         if problem:
             raise ValueError(f"{where}: `{name}`: {problem}")
-    images, videos = line_images(line, base_dir, where), line_videos(line, base_dir, where)
-    items = []  # one row per response: its media in placeholder order, inline ones resolved like the given ones
+    images, videos = line_images(line, where), line_videos(line, where)
+    found = {}  # (kind, medium as given) -> (path, digest): each file resolved and hashed once per line
+
+    def resolved(kind: str, medium) -> tuple:
+        name = (kind, json.dumps(medium, sort_keys=True, default=str))
+        if name not in found:
+            path = resolve_video(medium, base_dir, where) if kind == "video" else resolve_image(medium, base_dir, where)
+            found[name] = path, video_digest(path) if kind == "video" else image_digest(path)
+        return found[name]
+
+    items, media = [], []  # one row per response: its media in placeholder order, given or inline
     for name, value, _ in named[1:]:
         try:
             placed = place_media(line["prompt"], value, images, videos)
         except ValueError as error:
             raise ValueError(f"{where}: `{name}`: {error}") from None
-        items.append({"images": [resolve_image(image, base_dir, where) for image in placed.images],
-                      "videos": [resolve_video(video, base_dir, where) for video in placed.videos],
+        row_images = [resolved("image", image) for image in placed.images]
+        row_videos = [resolved("video", video) for video in placed.videos]
+        items.append({"images": [path for path, _ in row_images], "videos": [path for path, _ in row_videos],
                       "prompt": placed.prompt, "response": placed.response})
+        media.append([[digest for _, digest in row_images], [digest for _, digest in row_videos]])
     for name, value, role in named:
         if is_empty(to_messages(value, role)) and not (name == "prompt" and (images or videos)):
             raise ValueError(f"{where}: `{name}` is empty (no text{' and no image' if name == 'prompt' else ''})")
-    key = content_key(prompt=line["prompt"], responses=responses,
-                      media=[[[image_digest(image) for image in item["images"]],
-                              [video_digest(video) for video in item["videos"]]] for item in items])
+    key = content_key(prompt=line["prompt"], responses=responses, media=media)
     return {"key": key, "where": where, "items": items}
 
 

@@ -128,6 +128,19 @@ def test_command_line_flags(release_layout, images):
     assert [("best" in line, "score" in line) for line in lines] == [(True, False), (False, True), (True, False)]
 
 
+def test_media_are_found_beside_an_input_named_by_a_relative_path(images, monkeypatch):
+    """`--input sub/in.jsonl`: every medium, given or inline, is joined to `sub` once, and the line keeps its key."""
+    requests = write_media_requests(images)
+    lines = [json.loads(line) for line in requests.read_text().splitlines()]
+    monkeypatch.chdir(images.parent)
+    relative = [score_cli.read_line(line, images.name, f"line {i}") for i, line in enumerate(lines, start=1)]
+    absolute = [score_cli.read_line(line, str(images), f"line {i}") for i, line in enumerate(lines, start=1)]
+    assert [work["key"] for work in relative] == [work["key"] for work in absolute]
+    paths = [path for work in relative for item in work["items"] for medium in item["images"] + item["videos"]
+             for path in (medium if isinstance(medium, list) else [medium])]
+    assert len(paths) == 2 + 4 + 2 and all(Path(path).is_file() for path in paths)
+
+
 NOT_MESSAGES = "expected a string or a list of chat messages"
 BAD_LINES = [  # line 2 of the input -> the error, which names it; each was a raw TypeError or KeyError before
     ({"prompt": None, "response": "a"}, rf"line 2: `prompt`: {NOT_MESSAGES}, got NoneType"),
