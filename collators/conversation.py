@@ -249,11 +249,12 @@ def read_video(source, fps: float, min_frames: int, max_frames: int, before_deco
                               video_fps=rate)
         if before_decoding is not None:
             before_decoding(stream.codec_context.width, stream.codec_context.height, count)
-        wanted = torch.linspace(0, total - 1, count).round().long().tolist()
-        frames = []
+        wanted = Counter(torch.linspace(0, total - 1, count).round().long().tolist())  # frame -> times taken
+        last, frames = max(wanted), []
         for number, frame in enumerate(container.decode(stream)):
-            frames += [frame.to_image()] * wanted.count(number)
-            if number >= wanted[-1]:
+            if number in wanted:  # only the sampled frames become images
+                frames += [frame.to_image()] * wanted[number]
+            if number >= last:
                 break
     if len(frames) < count:
         raise ValueError(f"{name}: the video has fewer frames than its header declares ({total})")
@@ -362,14 +363,11 @@ class ConversationRenderer:
             kwargs["video_metadata"] = [{"fps": fps, "total_num_frames": len(frames),
                                          "frames_indices": list(range(len(frames)))} for frames, fps in loaded]
             kwargs["do_sample_frames"] = False
-            kwargs.update(self.frames_sized_already)
+            if hasattr(self.video_processor, "cap_pixels_per_frame"):
+                # frames as load_video sized them: qwen-vl-utils already held the video to its total pixel budget
+                # (transformers' own cap, which warns when not told)
+                kwargs["cap_pixels_per_frame"] = False
         return kwargs
-
-    @property
-    def frames_sized_already(self) -> dict:
-        """The video processor's keyword that keeps frames as load_video sized them: qwen-vl-utils already held the
-        video to its total pixel budget (transformers' `cap_pixels_per_frame`, which warns when not given)."""
-        return {"cap_pixels_per_frame": False} if hasattr(self.video_processor, "cap_pixels_per_frame") else {}
 
     def __call__(self, items: list[dict]) -> dict:
         """items: dicts with `images` and optionally `videos` (lists, may be empty), `prompt` and `response`."""

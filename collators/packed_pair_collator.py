@@ -1,10 +1,11 @@
 """One prompt, N responses -> one sequence: the shared prompt once, then every response as a branch.
 
-    [ prompt (image tokens included) | response 1 | response 2 | ... | response N | pad ]
+    [ prompt (its image and video tokens included) | response 1 | response 2 | ... | response N | pad ]
 
 Every branch's positions continue from the end of the prompt, so each branch has exactly the token ids and
 positions of its own plain row; the mask built in heads/packing.py lets a branch see the prompt and itself only.
-Each image is processed once per prompt, and each reward is read at the last token of its branch. A preference
+The prompt's images and videos are processed once, each response's own media sit in its branch, and each reward is
+read at the last token of its branch. A preference
 pair is the case N = 2 (branch 1 the chosen answer, branch 2 the rejected one); scoring best-of-N is the general case.
 """
 
@@ -181,9 +182,7 @@ def pack_conversations(renderer: ConversationRenderer, groups: list[list[dict]],
     intervals = []
     if videos:
         inputs = renderer.vision_inputs([], videos)
-        vision.update(renderer.video_processor(videos=inputs["videos"], video_metadata=inputs["video_metadata"],
-                                               do_sample_frames=False, return_tensors="pt",
-                                               **renderer.frames_sized_already))
+        vision.update(renderer.video_processor(**inputs, return_tensors="pt"))
         patch = renderer.video_processor.temporal_patch_size
         intervals = [video_interval(patch / metadata["fps"]) for metadata in inputs["video_metadata"]]
     # The processor's rule: an image or a video becomes grid_t * grid_h * grid_w / merge_size**2 placeholder tokens.

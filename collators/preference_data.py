@@ -269,7 +269,7 @@ class RowChecker:
                 if problem:
                     return problem
                 loaded[column].append(value)
-        if is_empty(row["prompt"]) and not row["images"] and not row["videos"]:
+        if is_empty(row["prompt"]):  # the prompt's images and videos are placeholder parts in it
             return "empty_prompt", "the prompt is empty"
         for side in ("chosen", "rejected"):
             if is_empty(row[side]):
