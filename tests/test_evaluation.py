@@ -81,24 +81,37 @@ def test_rewardbench_sections_are_weighted_by_example_counts():
     assert metrics["categories"]["math-prm"] == {"accuracy": 50.0, "correct": 1, "items": 2}
 
 
-def official_rewardbench():
-    """EXAMPLE_COUNTS, SUBSET_MAPPING and calculate_scores_per_section of the official package (rewardbench==0.1.4,
-    installed by `make install` without its dependencies): constants.py is loaded whole, and the scoring function
-    is taken from utils.py's source, whose module-level imports (torch, fastchat, ...) are not needed for it."""
-    import ast
+def official_package() -> Path:
+    """The pinned official package's directory (rewardbench==0.1.4, installed by `make install` without its
+    dependencies)."""
     import importlib.util
 
     spec = importlib.util.find_spec("rewardbench")
     assert spec is not None, "the official package is missing: make install (pip install --no-deps rewardbench==0.1.4)"
-    package = Path(spec.origin).parent
+    return Path(spec.origin).parent
+
+
+def official_utils(*names: str, **module_globals) -> list:
+    """Functions of the official utils.py, taken from its source: its module-level imports (torch, fastchat, ...)
+    are not needed for them; `module_globals` gives the few names they use."""
+    import ast
+
+    path = official_package() / "utils.py"
+    functions = [node for node in ast.parse(path.read_text()).body
+                 if isinstance(node, ast.FunctionDef) and node.name in names]
+    namespace = dict(module_globals)
+    exec(compile(ast.Module(body=functions, type_ignores=[]), str(path), "exec"), namespace)
+    return [namespace[name] for name in names]
+
+
+def official_rewardbench():
+    """EXAMPLE_COUNTS, SUBSET_MAPPING (constants.py, loaded whole) and calculate_scores_per_section of the official
+    package."""
+    constants_file = official_package() / "constants.py"
     constants = {}
-    exec(compile((package / "constants.py").read_text(), str(package / "constants.py"), "exec"), constants)
-    tree = ast.parse((package / "utils.py").read_text())
-    function = next(node for node in tree.body
-                    if isinstance(node, ast.FunctionDef) and node.name == "calculate_scores_per_section")
-    namespace = {}
-    exec(compile(ast.Module(body=[function], type_ignores=[]), str(package / "utils.py"), "exec"), namespace)
-    return constants["EXAMPLE_COUNTS"], constants["SUBSET_MAPPING"], namespace["calculate_scores_per_section"]
+    exec(compile(constants_file.read_text(), str(constants_file), "exec"), constants)
+    (calculate_scores_per_section,) = official_utils("calculate_scores_per_section")
+    return constants["EXAMPLE_COUNTS"], constants["SUBSET_MAPPING"], calculate_scores_per_section
 
 
 def test_rewardbench_matches_the_official_scorer_on_all_23_subsets():
@@ -487,24 +500,13 @@ def test_command_line_defaults():
 # --- RewardBench 2 ---------------------------------------------------------------------------------------------------
 
 def official_rewardbench2():
-    """`reroll_and_score_dataset` and `process_single_model` of the pinned official package (rewardbench==0.1.4,
-    installed by `make install` without its dependencies), taken from utils.py's source as above."""
-    import ast
-    import importlib.util
-    import math
-
+    """`reroll_and_score_dataset` and `process_single_model` of the official package, from utils.py's source."""
     import numpy as np
     import pandas as pd
 
-    spec = importlib.util.find_spec("rewardbench")
-    assert spec is not None, "the official package is missing: make install (pip install --no-deps rewardbench==0.1.4)"
-    path = Path(spec.origin).parent / "utils.py"
-    wanted = ("reroll_and_score_dataset", "sample_stats", "process_single_model")
-    functions = [node for node in ast.parse(path.read_text()).body
-                 if isinstance(node, ast.FunctionDef) and node.name in wanted]
-    namespace = {"np": np, "pd": pd, "math": math, "Dataset": Dataset}  # the module-level imports they use
-    exec(compile(ast.Module(body=functions, type_ignores=[]), str(path), "exec"), namespace)
-    return namespace["reroll_and_score_dataset"], namespace["process_single_model"]
+    reroll, _, process = official_utils("reroll_and_score_dataset", "sample_stats", "process_single_model",
+                                        np=np, pd=pd, math=math, Dataset=Dataset)
+    return reroll, process
 
 
 def official_module(name: str):

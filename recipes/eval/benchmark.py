@@ -13,7 +13,7 @@ refuses predictions that another model or other settings produced):
     predictions.provenance.json   the model, a fingerprint of its weights, dtype, attention and pixel budget
     metrics.json        the benchmark's metrics, in percent, and their coverage (items scored of the benchmark's rows)
     results.md          our row beside the published rows, and the accuracy of each category
-    margins.png         distribution of score(preferred) - score(other) per category
+    margins.png         distribution of the reward margin (lowest preferred - highest other) per category
 """
 
 import json
@@ -55,7 +55,7 @@ class ScorerArguments(PixelBudgetArguments):
         default=None,
         metadata={"help": "Reward model: a directory or hub id with the base checkpoint and value_head.safetensors."},
     )
-    batch_size: int = field(default=8, metadata={"help": "Responses per forward pass (a pair is two)."})
+    batch_size: int = field(default=8, metadata={"help": "Responses per forward pass (an item is one per response)."})
     dtype: str | None = field(default=None, metadata={"help": "bfloat16 on GPU and float32 on CPU unless set."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa or flash_attention_2."})
 
@@ -321,8 +321,9 @@ def _count(value: float | None) -> str:
 
 
 def plot_margins(predictions: list[dict], categories: dict[str, dict], path: str | os.PathLike, title: str) -> None:
-    """One box per category of score(preferred) - score(other): right of the dashed zero line is correct. The
-    labels give each category's size and score from `categories` (the metrics' own, as in the tables)."""
+    """One box per category of `margin` (lowest preferred reward - highest other): right of the dashed zero line is
+    correct. The labels give each category's size and score from `categories` (the metrics' own, as in the
+    tables)."""
     margins = {category: [] for category in categories}
     for prediction in predictions:
         margins[prediction["category"]].append(margin(prediction))
