@@ -223,15 +223,13 @@ def png_url(image: Image.Image) -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_checkpoints, tmp_path_factory):
+def served(vl_model, scorer):
     """The reward model in process and behind the server (sampled video frames meet the image limits)."""
-    from serving_helpers import ServerThread, write_reward_model
+    from serving_helpers import ServerThread
 
     from recipes.serve.server import ServerArguments, build_app
 
-    path = write_reward_model(tiny_checkpoints("qwen2_5_vl"), tmp_path_factory.mktemp("media_rm"))
-    scorer = RewardScorer.from_pretrained(str(path), device="cpu")
-    args = ServerArguments(model_name_or_path=str(path), max_image_pixels=160 * 160, max_request_pixels=200_000,
+    args = ServerArguments(model_name_or_path=str(vl_model), max_image_pixels=160 * 160, max_request_pixels=200_000,
                            max_videos_per_row=1, batch_wait_ms=20)
     with ServerThread(build_app(scorer, args), args) as running:
         yield scorer, running.url

@@ -90,15 +90,18 @@ def test_http_reward_function_retries_a_busy_server_and_stops_on_a_refusal():
             return JSONResponse({"error": {"message": "queue full"}}, 503)
         return {"rewards": [1.5] * len(payload["rows"])}
 
+    # the server's words for a row with fewer images than placeholders
+    refusal = "1 image placeholders without their own image but 0 images given"
+
     @app.post("/refusing/score")
     async def refusing():
         calls["refusing"] += 1
-        return JSONResponse({"error": {"message": "1 image placeholders but 0 images", "row": 0}}, 422)
+        return JSONResponse({"error": {"message": refusal, "row": 0}}, 422)
 
     with ServerThread(app) as fake:
         assert RewardServerReward(fake.url + "/busy", retries=2)(["q"], ["a"]) == [1.5]
         assert calls["busy"] == 3
-        with pytest.raises(RuntimeError, match="HTTP 422.*1 image placeholders but 0 images"):
+        with pytest.raises(RuntimeError, match=f"HTTP 422.*{refusal}"):
             RewardServerReward(fake.url + "/refusing", retries=3)(["q"], ["a"])
         assert calls["refusing"] == 1
     with pytest.raises(RuntimeError, match="ConnectError"):

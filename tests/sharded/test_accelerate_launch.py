@@ -16,7 +16,6 @@ threshold is lowered on this tiny model.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from collators import PackedPairCollator  # noqa: E402
 from heads import ValueHeadRewardModel  # noqa: E402
 from recipes.serve.export_vllm import export_vllm  # noqa: E402
+from serving_helpers import free_port  # noqa: E402
 
 LAUNCHER_SITE = Path(__file__).parent / "launcher"
 STEPS = 2
@@ -48,12 +48,6 @@ LOSS_TOLERANCE = {"fp32": dict(rtol=1e-5, atol=1e-5), "bf16": dict(rtol=0, atol=
 # function, FSDP2 its cast parameters), whose roundings differ from the reloaded model's by up to ~5e-3 here.
 SCORE_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-2}
 COLOURS = ["red", "green", "blue", "yellow"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
