@@ -37,7 +37,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from collators.packed_pair_collator import pack_pairs
 from heads import ValueHeadRewardModel
 from heads.attention import load_attention, shared_prefix_block_mask, varlen_layout
-from recipes.bench.training import PAD, mrope, two_row_batch
+from recipes.bench.training import PAD, loss_of, mrope, peak_rss_gb, two_row_batch
 
 IMPLEMENTATIONS = {"dense": "sdpa", "flex": "flex_attention", "rows": "sdpa"}
 LENGTHS = (2048, 8192, 16384, 32768)
@@ -80,8 +80,7 @@ def mask_bytes(length: int) -> dict[str, int]:
 
 def step(model, batch: dict) -> float:
     start = time.perf_counter()
-    chosen, rejected = model(**batch).logits.squeeze(-1).chunk(2)
-    (-torch.nn.functional.logsigmoid(chosen - rejected).mean()).backward()
+    loss_of(model, "packed", batch).backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
@@ -92,9 +91,7 @@ def probe(implementation: str, length: int, steps: int) -> None:
     step(model, batch_for(implementation, 256))  # warm-up on a short pair: one-time costs, not the long step twice
     batch = batch_for(implementation, length)
     seconds = statistics.median(step(model, batch) for _ in range(steps))
-    status = Path("/proc/self/status").read_text()
-    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
-    print(json.dumps({"step_s": seconds, "peak_gb": peak_kib / 2**20}))
+    print(json.dumps({"step_s": seconds, "peak_gb": peak_rss_gb()}))
 
 
 def run(implementation: str, length: int, args) -> dict:

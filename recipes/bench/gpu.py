@@ -39,7 +39,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from heads import RewardModelArguments, ValueHeadRewardModel, apply_freezing
 from heads.attention import LANGUAGE_MODEL_ATTENTION, load_attention
 from recipes.bench.training import (
-    IMAGE, PAD, TEXT_7B, VISION_7B, VISION_END, VISION_START, mrope, packed_batch, two_row_batch,
+    IMAGE, PAD, TEXT_7B, VISION_7B, VISION_END, VISION_START, mrope, packed_batch, sync, two_row_batch,
 )
 
 IMPLEMENTATIONS = ("rows", "dense", "varlen", "flex")
@@ -100,11 +100,6 @@ def make_pair(shape: dict, seed: int = 0):
     return [(prompt, text(shape["response"]), text(shape["response"]))], grids
 
 
-def sync(device: str):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def step(model, batch: dict, device: str) -> tuple[float, torch.Tensor]:
     sync(device)
     start = time.perf_counter()
@@ -154,7 +149,9 @@ def report(results: dict, args, dtype, seconds: float) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()})"
     lines = [f"## Shared-prefix attention, Qwen2.5-VL-7B{' (tiny widths)' if args.tiny else ''}, one pair, "
              f"forward + backward ({device}, {str(dtype).removeprefix('torch.')})", "",
-             f"`python recipes/bench/gpu.py {' '.join(sys.argv[1:])}`", "", versions() + f"; {seconds:.0f} s in all.", "",
+             f"`python recipes/bench/gpu.py {' '.join(sys.argv[1:])}`", "",
+             versions() + f"; median of {args.steps} steps after one untimed, no cell started after "
+             f"{args.time_budget_s:.0f} s; random init; {seconds:.0f} s in all.", "",
              "| prefix/response tokens | implementation | attention | pairs/s | vs rows | peak memory (GB) | "
              "max abs reward difference vs rows |", "|---|---|---|---|---|---|---|"]
     for name, cells in results.items():

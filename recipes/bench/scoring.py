@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 import torch
 
 from collators.packed_pair_collator import pack_branches
-from recipes.bench.training import CONFIGS, IMAGE, PAD, VISION_END, VISION_START, build_model, vision_inputs
+from recipes.bench.training import (
+    CONFIGS, IMAGE, PAD, VISION_END, VISION_START, build_model, peak_rss_gb, vision_inputs,
+)
 
 LAYOUTS = ("rows", "packed")
 NS = (2, 4, 8, 16)
@@ -118,8 +120,7 @@ def memory_probe(setup: dict, workload: dict, n: int, layout: str):
     batch = batches_for(setup, workload, n)[layout]
     for _ in range(2):
         score_step(model, batch)
-    status = Path("/proc/self/status").read_text()
-    print(json.dumps({"peak_gb": int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) / 2**20}))
+    print(json.dumps({"peak_gb": peak_rss_gb()}))
 
 
 def peak_memory(args_list: list[str], workload: str, n: int) -> dict:

@@ -174,6 +174,12 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set so far (VmHWM of /proc/self/status), in GiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 2**20
+
+
 def train_step(model, optimizer, layout: str, batch: dict, device: str) -> tuple[float, float]:
     """Wall-clock and process CPU seconds of one step."""
     sync(device)
@@ -254,9 +260,7 @@ def memory_probe(setup: dict, workload: dict, layout: str):
     batch = batches_for(setup, workload)[layout]
     for _ in range(2):
         train_step(model, optimizer, layout, batch, setup["device"])
-    status = Path("/proc/self/status").read_text()
-    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
-    print(json.dumps({"peak_gb": peak_kib / 2**20}))
+    print(json.dumps({"peak_gb": peak_rss_gb()}))
 
 
 def table(name: str, results: dict, peak_tflops: float | None, cpu: bool) -> str:

@@ -162,10 +162,22 @@ def settings(overrides: list[str]) -> dict:
     import trl
 
     return {"model": dict(TINY_MODEL, parameters=parameter_count(OUT / "tiny-qwen2_5_vl")),
-            "stage_configs": [f"recipes/demo/{stage}.yaml" for stage in ("stage1", "stage2")],
+            "configs": [f"recipes/demo/{stage}.yaml" for stage in ("stage1", "stage2", "mpo")],
+            "commit": commit(),
             "flags": overrides, "torch": torch.__version__, "transformers": transformers.__version__,
             "trl": trl.__version__, "python": sys.version.split()[0], "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
+
+
+def commit() -> str | None:
+    """The repository's commit, with "+changes" when files differ from it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def parameter_count(directory: Path) -> int:
